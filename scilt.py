@@ -1,0 +1,326 @@
+"""SciLT: long-tailed classification of scientific images by parameter-efficient fine-tuning of a ViT.
+
+Reimplements "Long-Tailed Classification in Scientific Image Domains" (Chen & Su, arXiv 2604.03687):
+a frozen vision foundation model (any timm ViT), LoRA adapters written from scratch, a cosine classifier
+on the penultimate block's features (s_1) and one on the final block's (s_2), a learned per-class gate
+that fuses them, dual supervision with logit-adjusted cross-entropy, long-tail metrics, and a Rademacher
+sanity check of the hypothesis class F_SciLT = F_{N-1} + F_N. The paper's equations are not public: where
+this file fixes a detail (cosine heads, the gate, logit adjustment, lambda), it is our reading, and the
+README says which parts are which.
+
+Follows: LoRA (Hu et al. 2021; microsoft/LoRA loralib), logit adjustment (Menon et al. 2021), Rademacher
+complexity of sums of classes (Bartlett & Mendelson 2002). Depends on torch, and on timm only in
+create_backbone(); copy this one file into another project and it works.
+"""
+import math
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ("scilt", "final", "penultimate")
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA: y = W x + b + (alpha / r) * B A x, with W, b frozen and B = 0 at start.
+
+class LoRALinear(nn.Module):
+    """Drops in where `base` was; freezes it. Starts as the identity change: the model is the pretrained one."""
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0):
+        super().__init__()
+        assert isinstance(base, nn.Linear), f"LoRALinear wraps an nn.Linear, got {type(base).__name__}"
+        assert rank > 0, f"LoRA rank must be positive, got {rank}"
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x):
+        if self.merged:  # the update already lives in base.weight
+            return self.base(x)
+        # scaling goes on the small (out, r) matrix rather than on the (B, T, out) activations
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B * self.scaling)
+
+    def delta_weight(self):
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B A into W for inference at the plain model's speed. Outputs do not change."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
+def add_lora(model, rank=8, alpha=8.0, targets=("qkv", "proj"), dropout=0.0):
+    """Wrap every nn.Linear in `model.blocks` whose last name component is in `targets`; freeze the rest.
+
+    Returns how many layers were wrapped. Default targets are the attention's `qkv` and `proj`; the MLP's
+    `fc1` and `fc2` may be added.
+    """
+    model.requires_grad_(False)
+    found = [(block, name) for block in model.blocks for name, module in block.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    for block, name in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
+    if not found:
+        raise ValueError(f"no nn.Linear named {'/'.join(targets)} in the model's blocks")
+    return len(found)
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model):
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifiers, the tap and adaptive fusion.
+
+class CosineClassifier(nn.Module):
+    """s_k = scale * <W_k / |W_k|, h / |h|>: class scores that do not grow with a class's sample count."""
+
+    def __init__(self, dim, num_classes, scale=25.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.02)  # fallback; see SciLT.init_heads
+        self.scale = scale
+
+    def forward(self, h):  # (B, D) -> (B, K)
+        return self.scale * F.linear(F.normalize(h, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+class SciLTOutput(NamedTuple):
+    logits: torch.Tensor          # (B, K) what predictions come from
+    s1: Optional[torch.Tensor]    # (B, K) penultimate-level head, None if the method has none
+    s2: Optional[torch.Tensor]    # (B, K) final-level head, None if the method has none
+
+
+class SciLT(nn.Module):
+    """A frozen timm ViT with LoRA, classifier1 on h_pen, classifier2 on h_fin, fused by a per-class gate.
+
+    method: "scilt" (both heads, fused), "final" (final-layer head only: the standard PEFT long-tail
+    baseline) or "penultimate" (penultimate-layer head only).
+    """
+
+    def __init__(self, backbone, num_classes, class_counts, *, method="scilt", rank=8, alpha=8.0,
+                 targets=("qkv", "proj"), scale=25.0, tau=1.0, aux_weight=0.5):
+        super().__init__()
+        assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
+        for attribute in ("blocks", "norm", "forward_features", "forward_head"):
+            assert hasattr(backbone, attribute), f"backbone needs `{attribute}` like a timm ViT"
+        assert len(backbone.blocks) >= 2, "the tap needs at least two blocks"
+        counts = torch.as_tensor(class_counts, dtype=torch.float)
+        assert counts.shape == (num_classes,) and (counts > 0).all(), \
+            f"class_counts must hold {num_classes} positive training counts, got {class_counts}"
+        self.method, self.tau, self.aux_weight = method, tau, aux_weight
+        self.backbone = backbone
+        self.num_lora_layers = add_lora(backbone, rank, alpha, targets)
+        if method == "penultimate":  # z_N never reaches the output: the last block cannot learn
+            backbone.blocks[-1].requires_grad_(False)
+        # the tap: the penultimate block hands its output z_{N-1} to features() during the same pass
+        backbone.blocks[-2].register_forward_hook(self._keep_penultimate)
+        self._z_pen = None
+        dim = backbone.num_features
+        self.classifier1 = CosineClassifier(dim, num_classes, scale) if method != "final" else None
+        self.classifier2 = CosineClassifier(dim, num_classes, scale) if method != "penultimate" else None
+        self.gate = nn.Parameter(torch.zeros(num_classes)) if method == "scilt" else None  # a = 1/2 at start
+        self.register_buffer("log_prior", torch.log(counts / counts.sum()))
+
+    def _keep_penultimate(self, module, inputs, output):
+        self._z_pen = output
+
+    def features(self, x):
+        """The tap: one pass through the blocks gives h_pen = pool(norm(z_{N-1})) and h_fin = pool(norm(z_N)).
+
+        `norm` and `pool` are the backbone's own (final norm; CLS token, average or attention pooling).
+        """
+        backbone = self.backbone
+        tokens = backbone.forward_features(x)  # norm(z_N), (B, T, C); the hook caught z_{N-1}
+        z_pen, self._z_pen = self._z_pen, None
+        h_pen = backbone.forward_head(backbone.norm(z_pen), pre_logits=True)  # (B, C)
+        h_fin = backbone.forward_head(tokens, pre_logits=True)                # (B, C)
+        return h_pen, h_fin
+
+    def fusion_weights(self):
+        """Per class, how much the prediction leans on the penultimate layer: a in (0, 1), shape (K,)."""
+        if self.gate is not None:
+            return torch.sigmoid(self.gate)
+        return self.log_prior.new_full(self.log_prior.shape, float(self.method == "penultimate"))
+
+    def classify(self, h_pen, h_fin):
+        s1 = self.classifier1(h_pen) if self.classifier1 is not None else None
+        s2 = self.classifier2(h_fin) if self.classifier2 is not None else None
+        if self.method == "scilt":
+            a = self.fusion_weights()
+            # a classifier on the fused representation [h_pen, h_fin]: it stays inside F_{N-1} + F_N
+            logits = a * s1 + (1 - a) * s2
+        else:
+            logits = s1 if s2 is None else s2
+        return SciLTOutput(logits, s1, s2)
+
+    def forward(self, x):
+        return self.classify(*self.features(x))
+
+    def loss(self, output, target):
+        """Dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2)), LA the logit-adjusted CE."""
+        loss = logit_adjusted_loss(output.logits, target, log_prior=self.log_prior, tau=self.tau)
+        if self.method == "scilt":
+            level_losses = [logit_adjusted_loss(s, target, log_prior=self.log_prior, tau=self.tau)
+                            for s in (output.s1, output.s2)]
+            loss = loss + self.aux_weight * sum(level_losses)
+        return loss
+
+    @torch.no_grad()
+    def init_heads(self, h_pen, h_fin, labels):
+        """Set each class's weight to its mean normalised training feature (classes without samples keep
+        their random start), so the heads begin as nearest-class-mean classifiers."""
+        for head, h in ((self.classifier1, h_pen), (self.classifier2, h_fin)):
+            if head is None:
+                continue
+            h = F.normalize(h.float(), dim=-1)
+            sums = torch.zeros_like(head.weight).index_add_(0, labels, h.to(head.weight))
+            seen = torch.bincount(labels, minlength=len(sums)) > 0
+            head.weight[seen] = sums[seen]
+
+
+def logit_adjusted_loss(logits, target, class_counts=None, tau=1.0, *, log_prior=None):
+    """LA(z, y) = CE(z + tau * log(prior), y) (Menon et al. 2021), prior = training class frequencies.
+
+    Adding the log prior during training makes the plain argmax of z balanced at test time.
+    """
+    if log_prior is None:
+        counts = torch.as_tensor(class_counts, dtype=torch.float, device=logits.device)
+        log_prior = torch.log(counts / counts.sum())
+    return F.cross_entropy(logits.float() + tau * log_prior, target)
+
+
+def count_parameters(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Long-tail metrics.
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def long_tail_metrics(preds, targets, class_counts, class_names=None):
+    """Accuracies as fractions. Groups: many / medium / few by training count (> 100, 20..100, < 20) and
+    head / middle / tail by frequency rank (thirds); a group is the mean of its classes' accuracies, and an
+    empty group (or a class absent from `targets`) is None. Balanced accuracy is the mean per-class recall
+    over the classes present; macro-F1 averages 2TP / (2TP + FP + FN) over classes seen in either."""
+    preds, targets = np.asarray(preds), np.asarray(targets)
+    counts = np.asarray(class_counts)
+    num_classes = len(counts)
+    names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
+    per_class, f1 = [], []
+    for k in range(num_classes):
+        is_k, said_k = targets == k, preds == k
+        hits = int((is_k & said_k).sum())
+        per_class.append(hits / int(is_k.sum()) if is_k.any() else None)
+        if is_k.any() or said_k.any():
+            f1.append(2 * hits / (int(is_k.sum()) + int(said_k.sum())))
+    by_rank = np.array_split(np.argsort(-counts, kind="stable"), 3)
+    group = lambda classes: _mean([per_class[k] for k in classes])
+    return {
+        "overall_acc": float((preds == targets).mean()) if len(targets) else None,
+        "balanced_acc": _mean(per_class),
+        "macro_f1": _mean(f1),
+        "many": group(np.flatnonzero(counts > 100)),
+        "medium": group(np.flatnonzero((counts >= 20) & (counts <= 100))),
+        "few": group(np.flatnonzero(counts < 20)),
+        "head": group(by_rank[0]), "middle": group(by_rank[1]), "tail": group(by_rank[2]),
+        "per_class_acc": dict(zip(names, per_class)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rademacher sanity check of F_SciLT = F_{N-1} + F_N.
+
+def rademacher_complexity(features, bound=1.0, draws=1000, seed=0):
+    """Monte-Carlo estimate of the empirical Rademacher complexity of {h -> <w, h> : |w| <= bound} on the
+    sample `features` (n, D): (bound / n) E_sigma |sum_i sigma_i h_i|."""
+    h = torch.as_tensor(features, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    sigma = torch.randint(0, 2, (draws, len(h)), generator=generator, dtype=torch.float64) * 2 - 1
+    return float(bound / len(h) * (sigma @ h).norm(dim=1).mean())
+
+
+def rademacher_bound(features, bound=1.0):
+    """The closed form above it (Jensen): (bound / n) sqrt(sum_i |h_i|^2)."""
+    h = torch.as_tensor(features, dtype=torch.float64)
+    return float(bound / len(h) * h.pow(2).sum().sqrt())
+
+
+def rademacher_check(h_pen, h_fin, bound=25.0, draws=1000, seed=0):
+    """Each cosine head scores <w, h / |h|> with |w| = scale, so each level's class is
+    {h -> <w, h / |h|> : |w| <= scale}. R(F_{N-1} + F_N) <= R(F_{N-1}) + R(F_N) (Bartlett & Mendelson
+    2002): the SciLT figures are the levels' sums, and the estimate must stay under the bound."""
+    levels = {}
+    for name, h in (("penultimate", h_pen), ("final", h_fin)):
+        h = F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
+        levels[name] = {"estimate": rademacher_complexity(h, bound, draws, seed),
+                        "bound": rademacher_bound(h, bound)}
+    levels["scilt"] = {key: levels["penultimate"][key] + levels["final"][key] for key in ("estimate", "bound")}
+    levels["holds"] = bool(levels["scilt"]["estimate"] <= levels["scilt"]["bound"] * (1 + 1e-9))
+    levels["n"] = len(h_pen)
+    return levels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backbones.
+
+def create_backbone(name, pretrained=False, weights=None, **timm_kwargs):
+    """A headless timm ViT (num_classes=0). `weights`: a local file (safetensors or a torch state dict)
+    for machines without internet; timm loads it as it would the hub's file (head dropped, position
+    embeddings resized to `img_size`)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model {name!r}: expected a timm ViT name such as "
+                         "vit_base_patch16_224.augreg_in21k (see timm.list_models('vit_*'))")
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise ValueError(f"weights file {weights} not found: expected a .safetensors or .pth state dict")
+        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+    try:
+        model = timm.create_model(name, pretrained=pretrained or weights is not None, num_classes=0,
+                                  **timm_kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        if weights is not None:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise ValueError(f"could not load weights file {weights} into {name}: {reason}") from None
+        if pretrained:
+            raise ValueError(f"could not fetch pretrained weights for {name} ({type(error).__name__}); "
+                             "download them where there is internet and pass --weights FILE "
+                             "(a .safetensors or .pth state dict)") from None
+        raise
+    if not all(hasattr(model, a) for a in ("blocks", "norm", "forward_head")):
+        raise ValueError(f"model {name!r} is not a ViT: SciLT needs `blocks`, `norm` and `forward_head`")
+    return model

@@ -1,0 +1,25 @@
+"""Shared test helpers. Tests never touch the network: timm models are built with pretrained=False."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental hub request fails at once instead of retrying
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import scilt  # noqa: E402
+
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2)
+
+
+def tiny_vit(global_pool="token", **kwargs):
+    """A 3-block ViT on 32 x 32 images: 16 patches of 8 x 8, width 48. Built in milliseconds."""
+    return scilt.create_backbone("vit_tiny_patch16_224", global_pool=global_pool, **TINY, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
