@@ -135,7 +135,7 @@ class SciLT(nn.Module):
         counts = torch.as_tensor(class_counts, dtype=torch.float)
         assert counts.shape == (num_classes,) and (counts > 0).all(), \
             f"class_counts must hold {num_classes} positive training counts, got {class_counts}"
-        self.method, self.tau, self.aux_weight = method, tau, aux_weight
+        self.method, self.scale, self.tau, self.aux_weight = method, scale, tau, aux_weight
         self.backbone = backbone
         self.num_lora_layers = add_lora(backbone, rank, alpha, targets)
         if method == "penultimate":  # z_N never reaches the output: the last block cannot learn

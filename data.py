@@ -1,0 +1,394 @@
+"""Data for SciLT: the embedded synthetic benchmark and the real long-tailed scientific image sets.
+
+    load_data(name, root) -> Data(train, val, test, classes, class_counts, splits)
+
+Each set yields (image tensor (3, H, W), label). Where a source is not long-tailed by itself (ISIC 2019,
+PBC blood cells) we follow ISIC-2019-LT (Ju et al. 2022): hold out a balanced test set (100 per class)
+and val set (50 per class), then keep n_k = n_max * r^(-k / (K - 1)) training images of the k-th most
+frequent class (n_max = min(5000, largest class), r the imbalance ratio). Splits are deterministic for a
+seed; write_splits() / read_splits() store them so that a later run evaluates exactly the same images.
+Every problem with the user's data raises DataError with one line naming the path and what was expected.
+"""
+import csv
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+DOWNLOAD = {
+    "isic": "ISIC 2019 training data from https://challenge.isic-archive.com/data/#2019",
+    "nih": "NIH ChestX-ray14 images from https://nihcc.app.box.com/v/ChestXray-NIHCC and the "
+           "NIH-CXR-LT label CSVs linked from https://github.com/VITA-Group/LongTailCXR",
+    "blood": "PBC images from https://data.mendeley.com/datasets/snkd93bnjr/1 or bloodmnist.npz from "
+             "https://zenodo.org/records/10519652",
+    "npz": "MedMNIST .npz files from https://zenodo.org/records/10519652",
+    "folder": "your own images laid out as train/<class>/*, test/<class>/* and optionally val/<class>/*",
+}
+ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # UNK (no training images) dropped
+BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
+                 "platelet"]  # PBC folder names; BloodMNIST's label order
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+TEST_PER_CLASS, VAL_PER_CLASS, MAX_PER_CLASS = 100, 50, 5000
+
+
+class DataError(Exception):
+    """Bad or missing data: the message is one line for the user."""
+
+
+class Data(NamedTuple):
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list          # class names, in label order
+    class_counts: list     # training images per class
+    splits: dict           # split -> (items, labels): what write_splits() stores
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images and transforms.
+
+def open_image(path, draft_size=None):
+    """Decode to RGB. JPEGs decode directly at 1/2, 1/4 or 1/8 scale when that still covers draft_size
+    (PIL's draft mode): a 1024 x 768 ISIC image for a 224 model decodes at 512 x 384, several times faster."""
+    try:
+        with Image.open(path) as image:
+            if draft_size:
+                image.draft("RGB", (draft_size, draft_size))
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read image {path} ({error}): expected a readable image file") from None
+
+
+def make_transform(img_size, mean, std, train, vertical_flip):
+    """Train: random resized crop and flips (vertical too where orientation means nothing, as in
+    dermoscopy and microscopy). Eval: resize to img_size / 0.875, centre crop."""
+    from torchvision.transforms import v2
+
+    if train:
+        ops = [v2.RandomResizedCrop(img_size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip()]
+        ops += [v2.RandomVerticalFlip()] if vertical_flip else []
+    else:
+        ops = [v2.Resize(round(img_size / 0.875)), v2.CenterCrop(img_size)]
+    return v2.Compose([*ops, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+class ImageSet(Dataset):
+    """(image, label) pairs. `source` is a folder (items are file paths relative to it) or an array of
+    images (N, H, W[, 3]) (items are row numbers)."""
+
+    def __init__(self, source, items, labels, transform, draft_size=None):
+        self.source, self.items, self.labels = source, list(items), list(labels)
+        self.transform, self.draft_size = transform, draft_size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if isinstance(self.source, np.ndarray):
+            image = Image.fromarray(self.source[int(self.items[i])]).convert("RGB")
+        else:
+            image = open_image(self.source / self.items[i], self.draft_size)
+        return self.transform(image), self.labels[i]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Splits.
+
+def long_tail_counts(n_max, num_classes, imbalance_ratio):
+    """n_k = n_max * r^(-k / (K - 1)), k = 0 .. K-1, the exponential profile of Cao et al. / Ju et al.;
+    at least one image, so that every class can be learnt."""
+    return [max(1, int(n_max * imbalance_ratio ** (-k / max(num_classes - 1, 1)))) for k in range(num_classes)]
+
+
+def long_tail_split(labels, classes, *, imbalance_ratio, seed, test_per_class=TEST_PER_CLASS,
+                    val_per_class=VAL_PER_CLASS, max_per_class=MAX_PER_CLASS, where=""):
+    """Balanced test and val sets held out first, then the long-tailed training set from the rest, in
+    descending order of what is left per class. Returns split -> array of indices into `labels`."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held = test_per_class + val_per_class
+    shuffled = [rng.permutation(np.flatnonzero(labels == k)) for k in range(len(classes))]
+    for k, indices in enumerate(shuffled):
+        if len(indices) <= held:
+            raise DataError(f"class {classes[k]} in {where} has {len(indices)} images: the long-tailed "
+                            f"protocol needs more than {held} ({test_per_class} test + {val_per_class} val)")
+    rest = [indices[held:] for indices in shuffled]
+    order = sorted(range(len(classes)), key=lambda k: -len(rest[k]))  # most frequent first, stable
+    targets = long_tail_counts(min(max_per_class, len(rest[order[0]])), len(classes), imbalance_ratio)
+    train = [rest[k][:n] for k, n in zip(order, targets)]  # a class short of its target keeps all it has
+    return {"train": np.concatenate(train),
+            "val": np.concatenate([s[test_per_class:held] for s in shuffled]),
+            "test": np.concatenate([s[:test_per_class] for s in shuffled])}
+
+
+def pick(items, labels, indices):
+    return [items[i] for i in indices], [int(labels[i]) for i in indices]
+
+
+def write_splits(path, data):
+    """One row per image: split, item (file path or array row), class name."""
+    path = Path(path)
+    temporary = path.with_suffix(".tmp")
+    with open(temporary, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["split", "item", "label"])
+        for split, (items, labels) in data.splits.items():
+            writer.writerows((split, item, data.classes[label]) for item, label in zip(items, labels))
+    os.replace(temporary, path)
+
+
+def read_splits(path, classes):
+    index = {name: k for k, name in enumerate(classes)}
+    splits = {"train": ([], []), "val": ([], []), "test": ([], [])}
+    for row in read_csv(path, ["split", "item", "label"]):
+        if row["label"] not in index or row["split"] not in splits:
+            raise DataError(f"split file {path} lists {row['split']}/{row['label']}, which is not a split "
+                            f"(train, val, test) and class of this data set: it was written for other data")
+        splits[row["split"]][0].append(row["item"])
+        splits[row["split"]][1].append(index[row["label"]])
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sources: each returns (classes, source, splits, vertical_flip).
+
+def read_csv(path, required):
+    if not Path(path).is_file():
+        raise DataError(f"missing CSV {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"CSV {path} lacks the column(s) {', '.join(missing)}: expected {', '.join(required)}")
+        return list(reader)
+
+
+def one_hot_label(row, columns, path, line):
+    try:
+        hot = [k for k, c in enumerate(columns) if float(row[c]) == 1.0]
+    except (TypeError, ValueError):
+        hot = []
+    if len(hot) != 1:
+        raise DataError(f"{path} line {line}: expected exactly one 1 among the columns {', '.join(columns)}")
+    return hot[0]
+
+
+def check_files(folder, names, what):
+    if not folder.is_dir():
+        raise DataError(f"missing image folder {folder}: expected the {what} images there")
+    present = set(os.listdir(folder))
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) listed for {what} are not in {folder}, e.g. {missing[0]}")
+
+
+def isic(root, seed, imbalance_ratio):
+    path = root / "ISIC_2019_Training_GroundTruth.csv"
+    rows = read_csv(path, ["image"] + ISIC_CLASSES + ["UNK"])
+    items, labels = [], []
+    for line, row in enumerate(rows, start=2):
+        label = one_hot_label(row, ISIC_CLASSES + ["UNK"], path, line)
+        if label < len(ISIC_CLASSES):
+            items.append(row["image"] + ".jpg")  # names verbatim: some end in _downsampled
+            labels.append(label)
+    check_files(root / "ISIC_2019_Training_Input", items, "ISIC 2019")
+    items = [f"ISIC_2019_Training_Input/{name}" for name in items]
+    split = long_tail_split(labels, ISIC_CLASSES, imbalance_ratio=imbalance_ratio, seed=seed, where=path)
+    return ISIC_CLASSES, root, {s: pick(items, labels, i) for s, i in split.items()}, True
+
+
+def nih(root, seed, imbalance_ratio):
+    splits, classes = {}, None
+    for split, name in (("train", "train"), ("val", "balanced-val"), ("test", "balanced-test")):
+        path = root / f"nih-lt_single-label_{name}.csv"
+        rows = read_csv(path, ["id"] + (classes or []))
+        if classes is None:  # every column but the id (and a subject id, if present) is a class
+            with open(path, newline="") as f:
+                classes = [c for c in next(csv.reader(f)) if c not in ("id", "subject_id")]
+        labels = [one_hot_label(row, classes, path, line) for line, row in enumerate(rows, start=2)]
+        splits[split] = ([row["id"] for row in rows], labels)
+        check_files(root / "images", splits[split][0], f"NIH-CXR-LT {split}")
+    splits = {s: ([f"images/{item}" for item in items], labels) for s, (items, labels) in splits.items()}
+    return classes, root, splits, False  # a chest X-ray's up and down carry meaning
+
+
+def scan_class_folders(folder, classes=None):
+    """folder/<class>/<image>: returns (classes, items relative to folder's parent, labels)."""
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder}: expected one sub-folder of images per class")
+    names = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not names:
+        raise DataError(f"no class sub-folders in {folder}: expected {folder}/<class>/<image>")
+    if classes is not None and set(names) - set(classes):
+        raise DataError(f"{folder} has class folder(s) {', '.join(sorted(set(names) - set(classes)))} "
+                        f"that are not among the training classes {', '.join(classes)}")
+    classes = classes or names
+    items, labels = [], []
+    for name in names:
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {folder / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        items += [f"{folder.name}/{name}/{p.name}" for p in files]
+        labels += [classes.index(name)] * len(files)
+    return classes, items, labels
+
+
+def load_npz(path, keys):
+    try:
+        arrays = np.load(path)
+        return [arrays[key] for key in keys], arrays
+    except (OSError, ValueError, KeyError) as error:
+        raise DataError(f"cannot read {path} ({error}): expected a MedMNIST .npz with the arrays "
+                        f"{', '.join(keys)}") from None
+
+
+def npz_labels(labels, path):
+    if labels.ndim == 2 and labels.shape[1] != 1:
+        raise DataError(f"{path} has multi-label labels of shape {labels.shape}: expected one label per image (N, 1)")
+    return labels.reshape(-1).astype(int)
+
+
+def blood(root, seed, imbalance_ratio):
+    npz = [root] if root.suffix == ".npz" else sorted(root.glob("bloodmnist*.npz"))
+    if npz:  # BloodMNIST: pool its own splits, then apply the long-tailed protocol
+        keys = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")]
+        arrays, _ = load_npz(npz[0], keys)
+        source = np.concatenate(arrays[0::2])
+        labels = np.concatenate([npz_labels(a, npz[0]) for a in arrays[1::2]])
+        classes, items = BLOOD_CLASSES, [str(i) for i in range(len(source))]
+    else:  # PBC: one folder per cell type
+        classes, items, labels = scan_class_folders(root)
+        items = [item.split("/", 1)[1] for item in items]
+        source = root
+    if np.max(labels) >= len(classes):
+        raise DataError(f"label {np.max(labels)} in {root} is outside the {len(classes)} classes")
+    split = long_tail_split(labels, classes, imbalance_ratio=imbalance_ratio, seed=seed, where=root)
+    return classes, source, {s: pick(items, labels, i) for s, i in split.items()}, True
+
+
+def npz(root, seed, imbalance_ratio):
+    if not root.is_file():
+        raise DataError(f"{root} is not a .npz file: expected a MedMNIST file such as dermamnist.npz")
+    keys = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")]
+    arrays, stored = load_npz(root, keys)
+    labels = [npz_labels(a, root) for a in arrays[1::2]]
+    num_classes = int(max(l.max() for l in labels)) + 1
+    classes = [str(c) for c in stored["classes"]] if "classes" in stored else [str(k) for k in range(num_classes)]
+    if num_classes > len(classes):
+        raise DataError(f"{root} has label {num_classes - 1}, outside its {len(classes)} classes")
+    starts = np.cumsum([0] + [len(l) for l in labels])
+    splits = {s: ([str(i) for i in range(starts[j], starts[j + 1])], labels[j].tolist())
+              for j, s in enumerate(("train", "val", "test"))}
+    return classes, np.concatenate(arrays[0::2]), splits, False
+
+
+def folder(root, seed, imbalance_ratio):
+    classes, items, labels = scan_class_folders(root / "train")
+    splits = {"train": (items, labels)}
+    _, *splits["test"] = scan_class_folders(root / "test", classes)
+    if (root / "val").is_dir():
+        _, *splits["val"] = scan_class_folders(root / "val", classes)
+    else:  # carve a stratified 10% of train, at least one image of each class with two or more
+        rng, val = np.random.default_rng(seed), []
+        for k in range(len(classes)):
+            indices = rng.permutation(np.flatnonzero(np.asarray(labels) == k))
+            val += indices[:max(1, len(indices) // 10)].tolist() if len(indices) > 1 else []
+        train = sorted(set(range(len(items))) - set(val))
+        splits = {"train": pick(items, labels, train), "val": pick(items, labels, sorted(val)),
+                  "test": splits["test"]}
+    return classes, root, splits, False
+
+
+def synthetic(root, seed, imbalance_ratio):
+    classes, images, splits = make_synthetic(seed, imbalance_ratio)
+    return classes, images, splits, True
+
+
+# ----------------------------------------------------------------------------------------------------
+# The embedded benchmark: stained cells under a microscope.
+
+# Each class is a combination of four factors, and each factor varies within a class and overlaps with
+# its neighbours, so no single cue separates all classes. (stain, nuclei, elongated, granular):
+CELL_TYPES = [(0, 1, 0, 0), (0, 2, 0, 1), (1, 1, 1, 0), (1, 3, 0, 0), (0, 3, 1, 1),
+              (1, 2, 1, 1), (0, 1, 1, 1), (1, 1, 0, 1), (0, 2, 1, 0), (1, 3, 1, 0)]
+SYNTHETIC_SIZE, SYNTHETIC_MAX, SYNTHETIC_VAL, SYNTHETIC_TEST = 48, 400, 20, 100
+
+
+def cell_name(stain, nuclei, elongated, granular):
+    return f"{'oval' if elongated else 'round'}-{nuclei}n-{'grainy' if granular else 'smooth'}-" \
+           f"{'pink' if stain == 0 else 'blue'}"
+
+
+def draw_cells(labels, rng, size=SYNTHETIC_SIZE):
+    """One cell per image on a stained, noisy background: (N, size, size, 3) uint8."""
+    n = len(labels)
+    stain, nuclei, elongated, granular = (np.array(f)[labels] for f in zip(*CELL_TYPES))
+    u = lambda low, high: rng.uniform(low, high, (n, 1, 1))
+    y, x = np.mgrid[0:size, 0:size] / size
+    dx, dy = x - u(0.38, 0.62), y - u(0.38, 0.62)
+    angle = u(0, np.pi)
+    along, across = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+    aspect = 1.0 + 0.45 * elongated[:, None, None] + rng.normal(0, 0.18, (n, 1, 1))
+    radius = u(0.17, 0.27)
+    cell = 1 / (1 + np.exp((np.hypot(along / aspect, across * aspect) / radius - 1) * 12))  # soft edge
+    # granules: a random-phase interference pattern, stronger in granular classes
+    grain = np.sin(along * u(50, 80) + u(0, 6)) * np.sin(across * u(50, 80) + u(0, 6))
+    grain *= (0.08 + 0.22 * granular[:, None, None] + rng.normal(0, 0.09, (n, 1, 1))).clip(0)
+    # nuclei: dark blobs spread around the cell's centre; the count is off by one in a fifth of cells
+    count = np.clip(nuclei + rng.choice([-1, 0, 0, 0, 0, 0, 0, 0, 0, 1], n), 1, 4)
+    nucleus = np.zeros_like(cell)
+    for j in range(4):
+        offset = (count > 1)[:, None, None] * radius * 0.45
+        phase = 2 * np.pi * j / count[:, None, None] + angle
+        blob = np.hypot(along / aspect - offset * np.cos(phase), across * aspect - offset * np.sin(phase))
+        nucleus = np.maximum(nucleus, (j < count)[:, None, None] / (1 + np.exp((blob / (radius * 0.32) - 1) * 10)))
+    hue = np.where(stain[:, None] == 0, [[0.85, 0.45, 0.65]], [[0.45, 0.55, 0.9]])
+    hue = (hue + rng.normal(0, 0.12, (n, 3)))[:, None, None, :]
+    background = np.array([0.93, 0.88, 0.9]) + rng.normal(0, 0.04, (n, 1, 1, 3))
+    image = background * (1 - cell[..., None]) + hue * (cell * (1 + grain))[..., None]
+    image = image * (1 - 0.75 * nucleus[..., None]) + 0.25 * nucleus[..., None] * np.array([0.35, 0.1, 0.4])
+    image += rng.normal(0, 0.06, image.shape)
+    return (image.clip(0, 1) * 255).astype(np.uint8)
+
+
+def make_synthetic(seed=0, imbalance_ratio=100):
+    """Long-tailed train (SYNTHETIC_MAX images for class 0 down to / imbalance_ratio), balanced val and test."""
+    rng = np.random.default_rng(seed)
+    classes = [cell_name(*t) for t in CELL_TYPES]
+    counts = {"train": long_tail_counts(SYNTHETIC_MAX, len(classes), imbalance_ratio),
+              "val": [SYNTHETIC_VAL] * len(classes), "test": [SYNTHETIC_TEST] * len(classes)}
+    labels = {s: np.repeat(np.arange(len(classes)), c) for s, c in counts.items()}
+    everything = np.concatenate(list(labels.values()))
+    images = draw_cells(everything, rng)
+    starts = np.cumsum([0] + [len(l) for l in labels.values()])
+    splits = {s: ([str(i) for i in range(starts[j], starts[j + 1])], labels[s].tolist())
+              for j, s in enumerate(labels)}
+    return classes, images, splits
+
+
+SOURCES = {"synthetic": synthetic, "isic": isic, "nih": nih, "blood": blood, "npz": npz, "folder": folder}
+
+
+def load_data(name, root=None, *, img_size=224, imbalance_ratio=100, seed=0, mean=(0.5,) * 3,
+              std=(0.5,) * 3, splits=None):
+    """The train, val and test sets of data set `name`. `splits`, a CSV from write_splits(), replaces the
+    split this call would make, so that a resumed or repeated evaluation sees exactly the same images."""
+    if name not in SOURCES:
+        raise DataError(f"unknown data set {name!r}: expected one of {', '.join(SOURCES)}")
+    if name != "synthetic":
+        if root is None or not Path(root).exists():
+            raise DataError(f"--data-root {root} does not exist: expected {DOWNLOAD[name]}")
+        root = Path(root)
+    classes, source, made, vertical_flip = SOURCES[name](root, seed, imbalance_ratio)
+    splits = read_splits(splits, classes) if splits else made
+    counts = np.bincount(splits["train"][1], minlength=len(classes)).tolist()
+    if 0 in counts:
+        raise DataError(f"class {classes[counts.index(0)]} has no training images in {root}: every class needs one")
+    draft = round(img_size / 0.875)
+    sets = [ImageSet(source, *splits[s], make_transform(img_size, mean, std, s == "train", vertical_flip), draft)
+            for s in ("train", "val", "test")]
+    return Data(*sets, classes, counts, splits)

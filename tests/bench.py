@@ -1,0 +1,143 @@
+"""Speed and size of SciLT, measured side by side in one run: python tests/bench.py [--device cuda]
+
+1. Time per training step on a ViT-S/16 (random weights): `scilt` vs `final` vs full fine-tuning.
+   Target: scilt <= 1.05 x final (the second head and the tap cost next to nothing).
+2. Inference of the merged SciLT model vs the plain timm model. Target: <= 1.02 x.
+3. Trainable parameters of ViT-B/16 at the defaults (LoRA r=8 on qkv and proj). Target: < 1%.
+4. JPEG decoding of ISIC-sized (1024 x 768) images by one worker, with and without draft mode.
+Configurations are timed in interleaved rounds and summarised by their medians, so that a noisy
+neighbour slows all of them alike. Prints a table, then one JSON line.
+"""
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import scilt  # noqa: E402
+
+
+def timer(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def training_step(model, loss_fn, optimizer, images, labels, device):
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        loss = loss_fn(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def interleaved(jobs, rounds, warmup, device):
+    """jobs: name -> zero-argument callable. Returns name -> median seconds."""
+    times = {name: [] for name in jobs}
+    for r in range(warmup + rounds):
+        for name, job in jobs.items():
+            start = timer(device)
+            job()
+            if r >= warmup:
+                times[name].append(timer(device) - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--rounds", type=int)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch, rounds = args.batch_size or (128 if cuda else 8), args.rounds or (20 if cuda else 5)
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    counts = torch.logspace(3, 1, 10).long().tolist()  # 1000 .. 10 images: a long-tailed profile
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch_size": batch}
+
+    # 1. training step
+    steps = {}
+    for method in ("scilt", "final"):
+        model = scilt.SciLT(scilt.create_backbone("vit_small_patch16_224"), 10, counts, method=method).to(device)
+        optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+        steps[method] = (lambda m=model, o=optimizer: training_step(m, m.loss, o, images, labels, device))
+    full = timm.create_model("vit_small_patch16_224", num_classes=10).to(device)
+    full_optimizer = torch.optim.AdamW(full.parameters(), lr=1e-4)
+    steps["full fine-tuning"] = lambda: training_step(full, torch.nn.functional.cross_entropy, full_optimizer,
+                                                      images, labels, device)
+    step_times = interleaved(steps, rounds, 2, device)
+    results["train_step_s"] = step_times
+    results["scilt_over_final"] = step_times["scilt"] / step_times["final"]
+    results["scilt_over_full"] = step_times["scilt"] / step_times["full fine-tuning"]
+
+    # 2. inference: merged SciLT vs the plain timm model (with its own linear head)
+    merged = scilt.SciLT(scilt.create_backbone("vit_small_patch16_224"), 10, counts).to(device).eval()
+    for layer in scilt.lora_layers(merged):
+        torch.nn.init.normal_(layer.lora_B, std=0.01)
+    scilt.merge_lora(merged)
+    plain = timm.create_model("vit_small_patch16_224", num_classes=10).to(device).eval()
+
+    @torch.no_grad()
+    def infer(model):
+        with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+            model(images)
+
+    infer_times = interleaved({"merged scilt": lambda: infer(merged), "plain timm": lambda: infer(plain)},
+                              rounds * 2, 2, device)
+    results["inference_s"] = infer_times
+    results["merged_over_plain"] = infer_times["merged scilt"] / infer_times["plain timm"]
+
+    # 3. trainable fraction of ViT-B/16
+    base = scilt.SciLT(scilt.create_backbone("vit_base_patch16_224"), 8, [1] * 8)
+    trainable, total = scilt.count_parameters(base)
+    results["vit_b16_trainable"] = trainable
+    results["vit_b16_trainable_fraction"] = trainable / (total - trainable)
+
+    # 4. JPEG decoding, one process
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(8):
+        buffer = io.BytesIO()
+        smooth = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)  # photo-like: smooth, not white noise
+        Image.fromarray(smooth).resize((1024, 768), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    decode = lambda draft: [data.open_image(io.BytesIO(b), draft) for b in jpegs]
+    decode_times = interleaved({"full": lambda: decode(None), "draft": lambda: decode(256)}, 5, 1, device)
+    results["jpeg_images_per_s"] = {k: len(jpegs) / t for k, t in decode_times.items()}
+    results["draft_speedup"] = decode_times["full"] / decode_times["draft"]
+    start = time.perf_counter()
+    data.make_synthetic()
+    results["synthetic_seconds"] = time.perf_counter() - start
+
+    ms = lambda s: f"{1000 * s:9.1f} ms"
+    print(f"device: {results['device']}, batch {batch}, ViT-S/16 at 224 px, medians of {rounds} interleaved rounds")
+    for name, t in step_times.items():
+        print(f"  train step  {name:18s}{ms(t)}")
+    print(f"  scilt / final step          {results['scilt_over_final']:.3f}   (target <= 1.05)")
+    print(f"  scilt / full fine-tuning    {results['scilt_over_full']:.3f}")
+    for name, t in infer_times.items():
+        print(f"  inference   {name:18s}{ms(t)}")
+    print(f"  merged / plain inference    {results['merged_over_plain']:.3f}   (target <= 1.02)")
+    print(f"  ViT-B/16 trainable          {trainable:,} = {100 * results['vit_b16_trainable_fraction']:.3f}% "
+          f"of the backbone   (target < 1%)")
+    print(f"  JPEG 1024x768 decode        {results['jpeg_images_per_s']['full']:.0f} img/s full, "
+          f"{results['jpeg_images_per_s']['draft']:.0f} img/s draft ({results['draft_speedup']:.2f}x)")
+    print(f"  synthetic data set          {results['synthetic_seconds']:.1f} s")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""data.py: every source in its real on-disk format (tiny files written here), the long-tailed protocol,
+split files, transforms, and the promised error for each kind of bad input."""
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DataError, load_data
+
+NIH_CLASSES = ["Atelectasis", "Calcification of the Aorta", "Cardiomegaly", "Consolidation", "Edema",
+               "Effusion", "Emphysema", "Fibrosis", "Hernia", "Infiltration", "Mass", "No Finding", "Nodule",
+               "Pleural Thickening", "Pneumomediastinum", "Pneumonia", "Pneumoperitoneum", "Pneumothorax",
+               "Subcutaneous Emphysema", "Tortuous Aorta"]
+ISIC_PER_CLASS = [300, 600, 250, 200, 220, 170, 160, 180]  # MEL NV BCC AK BKL DF VASC SCC
+
+
+def image_bytes(size=(20, 16), mode="RGB", fmt="JPEG"):
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128 if mode == "L" else (200, 100, 50)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def write_csv(path, header, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+
+
+@pytest.fixture(scope="module")
+def isic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("isic")
+    (root / "ISIC_2019_Training_Input").mkdir()
+    jpeg, rows = image_bytes(), []
+    for k, n in enumerate(ISIC_PER_CLASS + [3]):  # three UNK rows, to be dropped
+        for i in range(n):
+            name = f"ISIC_{k}{i:05d}" + ("_downsampled" if i == 0 else "")
+            (root / "ISIC_2019_Training_Input" / f"{name}.jpg").write_bytes(jpeg)
+            rows.append([name] + ["1.0" if j == k else "0.0" for j in range(9)])
+    write_csv(root / "ISIC_2019_Training_GroundTruth.csv", ["image"] + data.ISIC_CLASSES + ["UNK"], rows)
+    return root
+
+
+def class_counts(split, num_classes):
+    return np.bincount(split[1], minlength=num_classes).tolist()
+
+
+def test_isic_long_tail_protocol(isic_root):
+    d = load_data("isic", isic_root, img_size=32, imbalance_ratio=100, seed=0)
+    assert d.classes == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
+    # left after holding out 100 test + 50 val per class: NV 450, MEL 150, BCC 100, BKL 70, AK 50, SCC 30,
+    # DF 20, VASC 10. Profile from n_max = 450 for r = 100: 450, 233, 120, 62, 32, 16, 8, 4 (by that order);
+    # MEL and BCC have fewer than their share and keep all they have.
+    assert d.class_counts == [150, 450, 100, 32, 62, 8, 4, 16]
+    assert class_counts(d.splits["test"], 8) == [100] * 8 and class_counts(d.splits["val"], 8) == [50] * 8
+    items = {s: set(d.splits[s][0]) for s in d.splits}
+    assert not (items["train"] & items["test"]) and not (items["train"] & items["val"])
+    assert not (items["val"] & items["test"])
+    assert not any("ISIC_8" in item for item in items["train"] | items["test"])  # UNK dropped
+    assert any(item.endswith("_downsampled.jpg") for s in items.values() for item in s)
+    image, label = d.train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 8
+    r500 = load_data("isic", isic_root, img_size=32, imbalance_ratio=500, seed=0)
+    # 450 * 500^(-k/7) = 450, 185, 76, 31, 12, 5, 2, 0.9: the last class keeps one image
+    assert r500.class_counts == [150, 450, 76, 12, 31, 2, 1, 5]
+    assert r500.splits["test"] == d.splits["test"]
+
+
+def test_splits_depend_on_seed_and_read_back(isic_root, tmp_path):
+    a = load_data("isic", isic_root, seed=0)
+    assert a.splits == load_data("isic", isic_root, seed=0).splits
+    b = load_data("isic", isic_root, seed=1)
+    assert set(b.splits["test"][0]) != set(a.splits["test"][0]) and b.class_counts == a.class_counts
+    data.write_splits(tmp_path / "splits.csv", a)
+    c = load_data("isic", isic_root, seed=1, splits=tmp_path / "splits.csv")
+    assert c.splits == a.splits and c.class_counts == a.class_counts
+
+
+@pytest.fixture
+def nih_root(tmp_path):
+    (tmp_path / "images").mkdir()
+    png = image_bytes((24, 24), "L", "PNG")  # X-rays are grayscale
+    for split, per_class in (("train", [5, 3] + [1] * 18), ("balanced-val", [1] * 20), ("balanced-test", [2] * 20)):
+        rows = []
+        for k, n in enumerate(per_class):
+            for i in range(n):
+                name = f"{split}_{k:02d}_{i}.png"
+                (tmp_path / "images" / name).write_bytes(png)
+                rows.append([name] + [int(j == k) for j in range(20)])
+        write_csv(tmp_path / f"nih-lt_single-label_{split}.csv", ["id"] + NIH_CLASSES, rows)
+    return tmp_path
+
+
+def test_nih_reads_its_own_splits_and_makes_grayscale_rgb(nih_root):
+    d = load_data("nih", nih_root, img_size=32)
+    assert d.classes == NIH_CLASSES and d.class_counts == [5, 3] + [1] * 18
+    assert (len(d.val), len(d.test)) == (20, 40)
+    image, label = d.test[0]
+    assert image.shape == (3, 32, 32) and label == 0
+    torch.testing.assert_close(image[0], image[1])  # grey copied to all three channels
+
+
+def test_nih_bad_csvs(nih_root):
+    path = nih_root / "nih-lt_single-label_balanced-test.csv"
+    write_csv(path, ["id"] + NIH_CLASSES[:-1], [])
+    with pytest.raises(DataError, match="lacks the column\\(s\\) Tortuous Aorta"):
+        load_data("nih", nih_root)
+    write_csv(path, ["id"] + NIH_CLASSES, [["x.png"] + [1, 1] + [0] * 18])
+    with pytest.raises(DataError, match="line 2: expected exactly one 1"):
+        load_data("nih", nih_root)
+    path.unlink()
+    with pytest.raises(DataError, match="missing CSV .*balanced-test.csv"):
+        load_data("nih", nih_root)
+
+
+def write_class_folders(root, counts, names=None, payload=None):
+    payload = payload or image_bytes()
+    for k, n in enumerate(counts):
+        folder = root / (names[k] if names else f"class{k}")
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"{i}.jpg").write_bytes(payload)
+
+
+def test_blood_folders_long_tail(tmp_path):
+    write_class_folders(tmp_path, [160, 170, 151, 200, 155, 165, 190, 152], data.BLOOD_CLASSES)
+    d = load_data("blood", tmp_path, img_size=32, imbalance_ratio=10)
+    assert d.classes == data.BLOOD_CLASSES
+    # left after 150 held out: 10, 20, 1, 50, 5, 15, 40, 2. In descending order (ig, neutrophil, eosinophil,
+    # monocyte, basophil, lymphocyte, platelet, erythroblast) the profile from n_max = 50 for r = 10 asks
+    # 50, 35, 25, 18, 13, 9, 6, 5: ig and neutrophil get theirs, the rest are capped by what is left
+    assert d.class_counts == [10, 20, 1, 50, 5, 15, 35, 2]
+    assert class_counts(d.splits["test"], 8) == [100] * 8
+
+
+def test_blood_npz_pools_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 160)[:, None]
+    arrays = {}
+    for split, part in zip(("train", "val", "test"), np.array_split(rng.permutation(len(labels)), 3)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (len(part), 28, 28, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = labels[part]
+    np.savez(tmp_path / "bloodmnist.npz", **arrays)
+    d = load_data("blood", tmp_path, img_size=28, imbalance_ratio=10)
+    assert d.classes == data.BLOOD_CLASSES and sorted(d.class_counts) == sorted([10, 7, 5, 3, 2, 1, 1, 1])
+    assert d.train[0][0].shape == (3, 28, 28)
+
+
+def test_npz_keeps_its_splits(tmp_path):
+    arrays = {"train_images": np.zeros((7, 28, 28), np.uint8), "train_labels": np.array([[0], [0], [0], [1], [1], [2], [0]]),
+              "val_images": np.zeros((3, 28, 28), np.uint8), "val_labels": np.array([[0], [1], [2]]),
+              "test_images": np.full((3, 28, 28), 255, np.uint8), "test_labels": np.array([[2], [1], [0]])}
+    np.savez(tmp_path / "dermamnist.npz", **arrays)
+    d = load_data("npz", tmp_path / "dermamnist.npz", img_size=32)
+    assert d.classes == ["0", "1", "2"] and d.class_counts == [4, 2, 1]
+    image, label = d.test[0]
+    assert label == 2 and image.shape == (3, 32, 32) and torch.allclose(image, torch.ones(3, 32, 32))
+    np.savez(tmp_path / "named.npz", **arrays, classes=np.array(["akiec", "bcc", "bkl"]))
+    assert load_data("npz", tmp_path / "named.npz").classes == ["akiec", "bcc", "bkl"]
+    np.savez(tmp_path / "chest.npz", **{**arrays, "train_labels": np.zeros((7, 14), int)})
+    with pytest.raises(DataError, match="multi-label .* expected one label per image"):
+        load_data("npz", tmp_path / "chest.npz")
+    np.savez(tmp_path / "bad.npz", **arrays, classes=np.array(["a", "b"]))
+    with pytest.raises(DataError, match="label 2, outside its 2 classes"):
+        load_data("npz", tmp_path / "bad.npz")
+    np.savez(tmp_path / "partial.npz", train_images=arrays["train_images"])
+    with pytest.raises(DataError, match="expected a MedMNIST .npz with the arrays"):
+        load_data("npz", tmp_path / "partial.npz")
+
+
+def test_folder_with_and_without_val(tmp_path):
+    write_class_folders(tmp_path / "train", [20, 5, 1], ["cats", "dogs", "eels"])
+    write_class_folders(tmp_path / "test", [2, 2], ["cats", "dogs"])
+    d = load_data("folder", tmp_path, img_size=32, seed=0)
+    assert d.classes == ["cats", "dogs", "eels"]
+    assert class_counts(d.splits["val"], 3) == [2, 1, 0]  # a stratified tenth, one at least; eels has one image
+    assert d.class_counts == [18, 4, 1] and len(d.test) == 4
+    assert not set(d.splits["val"][0]) & set(d.splits["train"][0])
+    assert load_data("folder", tmp_path, seed=1).splits["val"] != d.splits["val"]
+    write_class_folders(tmp_path / "val", [1, 1, 1], ["cats", "dogs", "eels"])
+    assert load_data("folder", tmp_path).class_counts == [20, 5, 1]
+    write_class_folders(tmp_path / "test", [1], ["fish"])
+    with pytest.raises(DataError, match="class folder\\(s\\) fish that are not among the training classes"):
+        load_data("folder", tmp_path)
+
+
+def test_bad_roots_and_names(tmp_path):
+    with pytest.raises(DataError, match="unknown data set 'imagenet': expected one of synthetic, isic"):
+        load_data("imagenet")
+    with pytest.raises(DataError, match="--data-root .*nowhere does not exist: expected ISIC 2019 .* https://"):
+        load_data("isic", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="--data-root None does not exist"):
+        load_data("nih")
+    with pytest.raises(DataError, match="missing CSV .*ISIC_2019_Training_GroundTruth.csv"):
+        load_data("isic", tmp_path)
+    (tmp_path / "train" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match="class folder .*cats holds no images"):
+        load_data("folder", tmp_path)
+
+
+def test_isic_bad_csv_and_missing_images(tmp_path):
+    write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image", "MEL", "NV"], [])
+    with pytest.raises(DataError, match="lacks the column\\(s\\) BCC, AK, BKL, DF, VASC, SCC, UNK"):
+        load_data("isic", tmp_path)
+    write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image"] + data.ISIC_CLASSES + ["UNK"],
+              [["ISIC_1"] + ["1.0"] + ["0.0"] * 8])
+    with pytest.raises(DataError, match="missing image folder"):
+        load_data("isic", tmp_path)
+    (tmp_path / "ISIC_2019_Training_Input").mkdir()
+    with pytest.raises(DataError, match="1 image\\(s\\) listed for ISIC 2019 are not in .* e.g. ISIC_1.jpg"):
+        load_data("isic", tmp_path)
+    (tmp_path / "ISIC_2019_Training_Input" / "ISIC_1.jpg").write_bytes(image_bytes())
+    with pytest.raises(DataError, match="class MEL .* has 1 images: the long-tailed protocol needs more than 150"):
+        load_data("isic", tmp_path)
+
+
+def test_unreadable_and_truncated_images(tmp_path):
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "cut.jpg").write_bytes(image_bytes((64, 64))[:200])
+    for name in ("text.jpg", "cut.jpg"):
+        with pytest.raises(DataError, match=f"cannot read image .*{name} .*expected a readable image file"):
+            data.open_image(tmp_path / name)
+
+
+def test_jpeg_draft_decodes_at_reduced_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(image_bytes((1024, 768)))
+    assert data.open_image(path).size == (1024, 768)
+    # decoded at a power-of-two reduction that still covers the requested size
+    assert data.open_image(path, draft_size=256).size == (512, 384)
+    assert data.open_image(path, draft_size=100).size == (256, 192)
+
+
+def test_read_splits_rejects_other_data(tmp_path):
+    write_csv(tmp_path / "splits.csv", ["split", "item", "label"], [["train", "0", "MEL"]])
+    with pytest.raises(DataError, match="lists train/MEL, which is not .* written for other data"):
+        data.read_splits(tmp_path / "splits.csv", ["a", "b"])
+
+
+def test_synthetic_is_deterministic_long_tailed_and_balanced():
+    a = load_data("synthetic", img_size=32, seed=0)
+    assert len(a.classes) == 10 and len(set(a.classes)) == 10
+    assert a.class_counts == data.long_tail_counts(400, 10, 100) == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
+    assert class_counts(a.splits["val"], 10) == [20] * 10 and class_counts(a.splits["test"], 10) == [100] * 10
+    b = load_data("synthetic", img_size=32, seed=0)
+    torch.manual_seed(0)
+    x = a.test[5][0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(x, b.test[5][0])  # evaluation transforms are deterministic; the data too
+    other = data.make_synthetic(seed=1)[1]
+    assert other.shape == a.test.source.shape and not np.array_equal(other, a.test.source)
+    assert load_data("synthetic", imbalance_ratio=10).class_counts[-1] == 40

@@ -1,0 +1,155 @@
+"""train.py end to end on the embedded default at a reduced size (16 px images, one or two epochs)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scilt
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--img-size", "16", "--epochs", "1"]
+SPEC_KEYS = {"overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle", "tail",
+             "per_class_acc", "class_counts", "heads", "fusion_weights", "rademacher", "trainable_params",
+             "total_params", "train_seconds"}
+
+
+def run(*argv):
+    out = train.main(list(argv))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def fails(capsys, *argv):
+    """The promised failure: exit status 2 and one line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(list(argv))
+    error = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(error.splitlines()) == 1, error
+    return error
+
+
+def comparable(metrics):
+    return {k: v for k, v in metrics.items() if k not in ("train_seconds", "args")}
+
+
+def test_default_run_writes_the_report(tmp_path, capsys):
+    metrics = run(*FAST, "--out", str(tmp_path))
+    assert SPEC_KEYS <= set(metrics)
+    for key in ("overall_acc", "balanced_acc", "macro_f1", "head", "middle", "tail", "many", "medium", "few"):
+        assert 0 <= metrics[key] <= 1
+    assert len(metrics["per_class_acc"]) == len(metrics["fusion_weights"]) == 10
+    assert list(metrics["class_counts"].values()) == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
+    assert all(0 < a < 1 for a in metrics["fusion_weights"].values())
+    for head in ("penultimate", "final", "fused"):
+        assert {"balanced_acc", "many", "medium", "few"} <= set(metrics["heads"][head])
+    assert metrics["heads"]["fused"]["balanced_acc"] == metrics["balanced_acc"]
+    assert metrics["rademacher"]["holds"] and metrics["rademacher"]["n"] == 1000
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    printed = capsys.readouterr().out
+    assert "penultimate head" in printed and "Rademacher check" in printed and "img/s" in printed
+    # the checkpoint holds what learns, not the frozen backbone, and loads without pickled code
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert sum(v.numel() for v in checkpoint["model"].values()) == metrics["trainable_params"]
+    assert checkpoint["args"]["method"] == "scilt" and checkpoint["epoch"] == 1
+    assert (tmp_path / "splits.csv").read_text().count("\n") == 988 + 200 + 1000 + 1
+
+
+@pytest.mark.parametrize("method", ["final", "penultimate"])
+def test_ablations(tmp_path, method):
+    metrics = run(*FAST, "--method", method, "--out", str(tmp_path))
+    other = "penultimate" if method == "final" else "final"
+    assert metrics["heads"][other] is None
+    assert metrics["heads"][method]["balanced_acc"] == metrics["balanced_acc"]
+    assert set(metrics["fusion_weights"].values()) == {0.0 if method == "final" else 1.0}
+
+
+def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    whole = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "whole"))
+    save = train.save_atomically
+
+    def stop_after_first_checkpoint(obj, path, text=False):
+        save(obj, path, text)
+        raise KeyboardInterrupt  # the run is killed right after epoch 1 is saved
+
+    monkeypatch.setattr(train, "save_atomically", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"))
+    monkeypatch.setattr(train, "save_atomically", save)
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"), "--resume")
+    assert "1 epoch(s) done" in capsys.readouterr().out
+    assert comparable(resumed) == comparable(whole)
+    # --eval-only re-evaluates the saved model and reproduces its metrics
+    again = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"), "--eval-only")
+    assert comparable(again) == comparable(whole)
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    assert "does not exist: expected ISIC 2019" in fails(capsys, "--data", "isic", "--data-root", str(tmp_path / "x"))
+    assert "invalid choice: 'imagenet'" in fails(capsys, "--data", "imagenet")
+    assert "unknown model 'vit_nope'" in fails(capsys, *FAST, "--model", "vit_nope", "--out", str(tmp_path / "m"))
+    assert "--epochs must be positive" in fails(capsys, "--epochs", "0")
+    assert "no checkpoint at" in fails(capsys, "--out", str(tmp_path / "none"), "--eval-only")
+    assert "weights file" in fails(capsys, *FAST, "--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path / "w"))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
+
+
+def write_npz(path, num_classes):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 10), ("test", 10)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 16, 16), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % num_classes)[:, None]
+    np.savez(path, **arrays)
+
+
+def test_checkpoint_of_another_class_count_and_no_overwrite(tmp_path, capsys):
+    write_npz(tmp_path / "three.npz", 3)
+    write_npz(tmp_path / "four.npz", 4)
+    three, four = str(tmp_path / "three"), str(tmp_path / "four")
+    run("--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--model", "tiny", *FAST, "--out", three)
+    saved = (tmp_path / "three" / "checkpoint.pt").read_bytes()
+    on_four = ("--data", "npz", "--data-root", str(tmp_path / "four.npz"), "--model", "tiny", *FAST)
+    # the 3-class run's split file already disagrees with 4-class data
+    assert "class 3 has no training images" in fails(capsys, *on_four, "--out", three, "--eval-only")
+    # and with a split file that fits, the checkpoint itself is refused
+    run(*on_four, "--out", four)
+    (tmp_path / "three" / "splits.csv").write_bytes((tmp_path / "four" / "splits.csv").read_bytes())
+    error = fails(capsys, *on_four, "--out", three, "--eval-only")
+    assert "was trained on 3 classes" in error and "this data set has 4" in error
+    assert "already holds a run" in fails(capsys, *FAST, "--out", three)
+    assert (tmp_path / "three" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    run("--img-size", "16", "--epochs", "2", "--out", out)
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(scilt.SciLT, "loss", lambda self, output, target: output.logits.sum() * float("nan"))
+    error = fails(capsys, "--img-size", "16", "--epochs", "3", "--out", out, "--resume")
+    assert "the loss became nan in epoch 3" in error and "last good checkpoint" in error
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--data", "nih", "--data-root", str(tmp_path / "no")],
+                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: --data-root") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *FAST, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("Rademacher check") == 1  # only rank 0 reports
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rademacher"]["n"] == 1000  # predictions gathered over the whole test set, once each
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "splits.csv"]
