@@ -153,3 +153,15 @@ def test_torchrun_two_processes(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rademacher"]["n"] == 1000  # predictions gathered over the whole test set, once each
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "splits.csv"]
+
+
+def test_tiny_default_is_the_bundled_foundation_model():
+    from safetensors.torch import load_file
+
+    backbone = train.create_backbone(train.parse_args([]))
+    stored = load_file(train.TINY_WEIGHTS)
+    assert set(stored) == set(backbone.state_dict())
+    for name, tensor in backbone.state_dict().items():
+        torch.testing.assert_close(tensor, stored[name].float(), rtol=0, atol=0)
+    random = train.create_backbone(train.parse_args(["--no-pretrained"]))
+    assert not torch.equal(random.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
