@@ -1,7 +1,8 @@
 """The README's results table on the embedded benchmark: python tests/table.py [--seeds 0 1 2] [train.py flags]
 
 Trains final, penultimate and scilt for each seed (each run as `python train.py --method M --seed S`, into
-runs/table/M-S) and prints the mean and spread (sample standard deviation) of the test metrics.
+runs/table/M-S; a run already there is reused) and prints the mean and spread (sample standard deviation)
+of the test metrics as a Markdown table.
 """
 import argparse
 import json
