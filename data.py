@@ -32,6 +32,7 @@ ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # UNK (no
 BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
                  "platelet"]  # PBC folder names; BloodMNIST's label order
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+NPZ_KEYS = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")]
 TEST_PER_CLASS, VAL_PER_CLASS, MAX_PER_CLASS = 100, 50, 5000
 
 
@@ -255,8 +256,7 @@ def npz_labels(labels, path):
 def blood(root, seed, imbalance_ratio):
     npz = [root] if root.suffix == ".npz" else sorted(root.glob("bloodmnist*.npz"))
     if npz:  # BloodMNIST: pool its own splits, then apply the long-tailed protocol
-        keys = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")]
-        arrays, _ = load_npz(npz[0], keys)
+        arrays, _ = load_npz(npz[0], NPZ_KEYS)
         source = np.concatenate(arrays[0::2])
         labels = np.concatenate([npz_labels(a, npz[0]) for a in arrays[1::2]])
         classes, items = BLOOD_CLASSES, [str(i) for i in range(len(source))]
@@ -273,8 +273,7 @@ def blood(root, seed, imbalance_ratio):
 def npz(root, seed, imbalance_ratio):
     if not root.is_file():
         raise DataError(f"{root} is not a .npz file: expected a MedMNIST file such as dermamnist.npz")
-    keys = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")]
-    arrays, stored = load_npz(root, keys)
+    arrays, stored = load_npz(root, NPZ_KEYS)
     labels = [npz_labels(a, root) for a in arrays[1::2]]
     num_classes = int(max(l.max() for l in labels)) + 1
     classes = [str(c) for c in stored["classes"]] if "classes" in stored else [str(k) for k in range(num_classes)]

@@ -99,6 +99,16 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
 
 
+def test_real_data_defaults_to_hub_weights_and_says_how_to_go_offline(tmp_path, capsys):
+    write_npz(tmp_path / "three.npz", 3)
+    args = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz")])
+    assert (args.model, args.pretrained, args.img_size, args.epochs) == ("vit_base_patch16_224.augreg_in21k", True, 224, 20)
+    # the tests never reach the hub (HF_HUB_OFFLINE=1), as on a machine without internet
+    error = fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r"))
+    assert "could not fetch pretrained weights for vit_base_patch16_224.augreg_in21k" in error
+    assert "pass --weights FILE" in error and not (tmp_path / "r").exists()
+
+
 def write_npz(path, num_classes):
     rng = np.random.default_rng(0)
     arrays = {}
