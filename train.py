@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out on the test set")
     args = p.parse_args(argv)
+    if args.model == "tiny" and args.img_size is None:  # on any data set, the size it was pretrained at
+        args.img_size = TINY["img_size"]
     for key, value in DEFAULTS["synthetic" if args.data == "synthetic" else "real"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -103,6 +103,8 @@ def test_real_data_defaults_to_hub_weights_and_says_how_to_go_offline(tmp_path, 
     write_npz(tmp_path / "three.npz", 3)
     args = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz")])
     assert (args.model, args.pretrained, args.img_size, args.epochs) == ("vit_base_patch16_224.augreg_in21k", True, 224, 20)
+    tiny = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--model", "tiny"])
+    assert (tiny.img_size, tiny.pretrained) == (32, True)  # the bundled tiny model, at its own size
     # the tests never reach the hub (HF_HUB_OFFLINE=1), as on a machine without internet
     error = fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r"))
     assert "could not fetch pretrained weights for vit_base_patch16_224.augreg_in21k" in error
