@@ -2,7 +2,7 @@
 
     python train.py                                             # embedded default: synthetic cells, tiny ViT
     python train.py --data isic --data-root ~/data/isic2019 --epochs 20
-    python train.py --data isic --data-root DIR --weights vit_base_augreg_in21k.safetensors   # offline
+    python train.py --data isic --data-root DIR --weights vit_b16_in21k.safetensors   # offline
     torchrun --nproc_per_node=4 train.py --data nih --data-root ~/data/nih-cxr-lt
     python train.py --out runs/x --resume          # continue run x;  --eval-only: re-evaluate its checkpoint
 

@@ -1,4 +1,5 @@
 """train.py end to end on the embedded default at a reduced size (16 px images, one or two epochs)."""
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import scilt
 import train
@@ -146,6 +148,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
     error = fails(capsys, "--img-size", "16", "--epochs", "3", "--out", out, "--resume")
     assert "the loss became nan in epoch 3" in error and "last good checkpoint" in error
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+
+
+def test_unreadable_image_in_a_loader_worker_is_one_line(tmp_path, capsys):
+    image = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(image, "PNG")
+    for split in ("train", "test"):
+        for name in ("cats", "dogs"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                (tmp_path / split / name / f"{i}.png").write_bytes(image.getvalue())
+    (tmp_path / "train" / "dogs" / "1.png").write_bytes(image.getvalue()[:40])  # truncated
+    error = fails(capsys, "--data", "folder", "--data-root", str(tmp_path), "--model", "tiny", *FAST,
+                  "--workers", "1", "--out", str(tmp_path / "run"))
+    assert error.startswith("error: cannot read image") and "dogs/1.png" in error
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
