@@ -1,6 +1,6 @@
 """Data for SciLT: the embedded synthetic benchmark and the real long-tailed scientific image sets.
 
-    load_data(name, root) -> Data(train, val, test, classes, class_counts, splits)
+    load_data(name, root) -> Data(train, val, test, train_eval, classes, class_counts, splits)
 
 Each set yields (image tensor (3, H, W), label). Where a source is not long-tailed by itself (ISIC 2019,
 PBC blood cells) we follow ISIC-2019-LT (Ju et al. 2022): hold out a balanced test set (100 per class)
@@ -17,7 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data.dataloader import default_collate
 
 DOWNLOAD = {
     "isic": "ISIC 2019 training data from https://challenge.isic-archive.com/data/#2019",
@@ -34,16 +35,26 @@ BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 NPZ_KEYS = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")]
 TEST_PER_CLASS, VAL_PER_CLASS, MAX_PER_CLASS = 100, 50, 5000
+AUGMENTS = ("none", "light", "strong")
 
 
 class DataError(Exception):
     """Bad or missing data: the message is one line for the user."""
 
 
+class Source(NamedTuple):
+    """What each source function returns."""
+    classes: list          # class names, in label order
+    images: object         # a folder (items are paths relative to it) or an array (items are row numbers)
+    splits: dict           # split -> (items, labels)
+    vertical_flip: bool    # whether up and down carry no meaning (microscopy, dermoscopy), for augmentation
+
+
 class Data(NamedTuple):
-    train: Dataset
+    train: Dataset         # with the training augmentation
     val: Dataset
     test: Dataset
+    train_eval: Dataset    # the training images as the model is evaluated on them: class means, probes
     classes: list          # class names, in label order
     class_counts: list     # training images per class
     splits: dict           # split -> (items, labels): what write_splits() stores
@@ -64,16 +75,25 @@ def open_image(path, draft_size=None):
         raise DataError(f"cannot read image {path} ({error}): expected a readable image file") from None
 
 
-def make_transform(img_size, mean, std, train, vertical_flip):
-    """Train: random resized crop and flips (vertical too where orientation means nothing, as in
-    dermoscopy and microscopy). Eval: resize to img_size / 0.875, centre crop."""
+def default_augment(img_size):
+    """strong for images of 128 px and more, light below: a crop to 35% of a 32 px scan leaves a few
+    pixels of the object (README: the measurements behind it)."""
+    return "strong" if img_size >= 128 else "light"
+
+
+def make_transform(img_size, mean, std, augment="none", vertical_flip=False):
+    """none (evaluation): resize to img_size / 0.875, centre crop. light: the same view, flipped at random
+    (vertically too where orientation means nothing, as in dermoscopy and microscopy). strong: random
+    resized crops down to 35% of the area, and the flips."""
     from torchvision.transforms import v2
 
-    if train:
-        ops = [v2.RandomResizedCrop(img_size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip()]
-        ops += [v2.RandomVerticalFlip()] if vertical_flip else []
+    assert augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {augment!r}"
+    if augment == "strong":
+        ops = [v2.RandomResizedCrop(img_size, scale=(0.35, 1.0))]
     else:
         ops = [v2.Resize(round(img_size / 0.875)), v2.CenterCrop(img_size)]
+    if augment != "none":
+        ops += [v2.RandomHorizontalFlip()] + ([v2.RandomVerticalFlip()] if vertical_flip else [])
     return v2.Compose([*ops, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
@@ -89,11 +109,34 @@ class ImageSet(Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        if isinstance(self.source, np.ndarray):
-            image = Image.fromarray(self.source[int(self.items[i])]).convert("RGB")
-        else:
-            image = open_image(self.source / self.items[i], self.draft_size)
+        try:
+            if isinstance(self.source, np.ndarray):
+                image = Image.fromarray(self.source[int(self.items[i])]).convert("RGB")
+            else:
+                image = open_image(self.source / self.items[i], self.draft_size)
+        except DataError as error:
+            if get_worker_info() is None:
+                raise
+            return error  # a loader worker passes it on whole (see Loader), not as a traceback's text
         return self.transform(image), self.labels[i]
+
+
+def collate(batch):
+    return next((item for item in batch if isinstance(item, DataError)), None) or default_collate(batch)
+
+
+class Loader(DataLoader):
+    """A DataLoader that raises a DataError met in a worker process as itself, with its one-line message
+    (torch would re-raise it with the worker's whole traceback as the message)."""
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, collate_fn=collate, **kwargs)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, DataError):
+                raise batch
+            yield batch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,7 +198,7 @@ def read_splits(path, classes):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Sources: each returns (classes, source, splits, vertical_flip).
+# Sources: each returns a Source.
 
 def read_csv(path, required):
     if not Path(path).is_file():
@@ -199,7 +242,7 @@ def isic(root, seed, imbalance_ratio):
     check_files(root / "ISIC_2019_Training_Input", items, "ISIC 2019")
     items = [f"ISIC_2019_Training_Input/{name}" for name in items]
     split = long_tail_split(labels, ISIC_CLASSES, imbalance_ratio=imbalance_ratio, seed=seed, where=path)
-    return ISIC_CLASSES, root, {s: pick(items, labels, i) for s, i in split.items()}, True
+    return Source(ISIC_CLASSES, root, {s: pick(items, labels, i) for s, i in split.items()}, vertical_flip=True)
 
 
 def nih(root, seed, imbalance_ratio):
@@ -214,7 +257,7 @@ def nih(root, seed, imbalance_ratio):
         splits[split] = ([row["id"] for row in rows], labels)
         check_files(root / "images", splits[split][0], f"NIH-CXR-LT {split}")
     splits = {s: ([f"images/{item}" for item in items], labels) for s, (items, labels) in splits.items()}
-    return classes, root, splits, False  # a chest X-ray's up and down carry meaning
+    return Source(classes, root, splits, vertical_flip=False)  # a chest X-ray's up and down carry meaning
 
 
 def scan_class_folders(folder, classes=None):
@@ -254,23 +297,23 @@ def npz_labels(labels, path):
 
 
 def blood(root, seed, imbalance_ratio):
-    npz = [root] if root.suffix == ".npz" else sorted(root.glob("bloodmnist*.npz"))
-    if npz:  # BloodMNIST: pool its own splits, then apply the long-tailed protocol
-        arrays, _ = load_npz(npz[0], NPZ_KEYS)
-        source = np.concatenate(arrays[0::2])
-        labels = np.concatenate([npz_labels(a, npz[0]) for a in arrays[1::2]])
-        classes, items = BLOOD_CLASSES, [str(i) for i in range(len(source))]
+    files = [root] if root.suffix == ".npz" else sorted(root.glob("bloodmnist*.npz"))
+    if files:  # BloodMNIST: pool its own splits, then apply the long-tailed protocol
+        arrays, _ = load_npz(files[0], NPZ_KEYS)
+        images = np.concatenate(arrays[0::2])
+        labels = np.concatenate([npz_labels(a, files[0]) for a in arrays[1::2]])
+        classes, items = BLOOD_CLASSES, [str(i) for i in range(len(images))]
     else:  # PBC: one folder per cell type
         classes, items, labels = scan_class_folders(root)
         items = [item.split("/", 1)[1] for item in items]
-        source = root
+        images = root
     if np.max(labels) >= len(classes):
         raise DataError(f"label {np.max(labels)} in {root} is outside the {len(classes)} classes")
     split = long_tail_split(labels, classes, imbalance_ratio=imbalance_ratio, seed=seed, where=root)
-    return classes, source, {s: pick(items, labels, i) for s, i in split.items()}, True
+    return Source(classes, images, {s: pick(items, labels, i) for s, i in split.items()}, vertical_flip=True)
 
 
-def npz(root, seed, imbalance_ratio):
+def medmnist(root, seed, imbalance_ratio):
     if not root.is_file():
         raise DataError(f"{root} is not a .npz file: expected a MedMNIST file such as dermamnist.npz")
     arrays, stored = load_npz(root, NPZ_KEYS)
@@ -282,10 +325,10 @@ def npz(root, seed, imbalance_ratio):
     starts = np.cumsum([0] + [len(l) for l in labels])
     splits = {s: ([str(i) for i in range(starts[j], starts[j + 1])], labels[j].tolist())
               for j, s in enumerate(("train", "val", "test"))}
-    return classes, np.concatenate(arrays[0::2]), splits, False
+    return Source(classes, np.concatenate(arrays[0::2]), splits, vertical_flip=False)
 
 
-def folder(root, seed, imbalance_ratio):
+def image_folders(root, seed, imbalance_ratio):
     classes, items, labels = scan_class_folders(root / "train")
     splits = {"train": (items, labels)}
     _, *splits["test"] = scan_class_folders(root / "test", classes)
@@ -299,12 +342,11 @@ def folder(root, seed, imbalance_ratio):
         train = sorted(set(range(len(items))) - set(val))
         splits = {"train": pick(items, labels, train), "val": pick(items, labels, sorted(val)),
                   "test": splits["test"]}
-    return classes, root, splits, False
+    return Source(classes, root, splits, vertical_flip=False)
 
 
 def synthetic(root, seed, imbalance_ratio):
-    classes, images, splits = make_synthetic(seed, imbalance_ratio)
-    return classes, images, splits, True
+    return Source(*make_synthetic(seed, imbalance_ratio), vertical_flip=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,25 +414,35 @@ def make_synthetic(seed=0, imbalance_ratio=100):
     return classes, images, splits
 
 
-SOURCES = {"synthetic": synthetic, "isic": isic, "nih": nih, "blood": blood, "npz": npz, "folder": folder}
+SOURCES = {"synthetic": synthetic, "isic": isic, "nih": nih, "blood": blood, "npz": medmnist,
+           "folder": image_folders}
+OWN_SPLITS = {"nih", "npz", "folder"}  # kept as published: no long-tailed subsampling, no imbalance ratio
 
 
-def load_data(name, root=None, *, img_size=224, imbalance_ratio=100, seed=0, mean=(0.5,) * 3,
-              std=(0.5,) * 3, splits=None):
-    """The train, val and test sets of data set `name`. `splits`, a CSV from write_splits(), replaces the
-    split this call would make, so that a resumed or repeated evaluation sees exactly the same images."""
+def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=None, seed=0,
+              mean=(0.5,) * 3, std=(0.5,) * 3, splits=None):
+    """The train, val and test sets of data set `name`. `augment`: none, light or strong (default: by
+    img_size, see default_augment). `imbalance_ratio`: r of the long-tailed protocol (default 100), for
+    the sets it applies to. `splits`, a CSV from write_splits(), replaces the split this call would make,
+    so that a resumed or repeated evaluation sees exactly the same images."""
     if name not in SOURCES:
         raise DataError(f"unknown data set {name!r}: expected one of {', '.join(SOURCES)}")
+    if name in OWN_SPLITS and imbalance_ratio is not None:
+        raise DataError(f"--imbalance-ratio does not apply to --data {name}, which keeps its own splits: "
+                        f"expected it only with {', '.join(sorted(set(SOURCES) - OWN_SPLITS))}")
     if name != "synthetic":
         if root is None or not Path(root).exists():
             raise DataError(f"--data-root {root} does not exist: expected {DOWNLOAD[name]}")
         root = Path(root)
-    classes, source, made, vertical_flip = SOURCES[name](root, seed, imbalance_ratio)
-    splits = read_splits(splits, classes) if splits else made
-    counts = np.bincount(splits["train"][1], minlength=len(classes)).tolist()
+    source = SOURCES[name](root, seed, 100 if imbalance_ratio is None else imbalance_ratio)
+    splits = read_splits(splits, source.classes) if splits else source.splits
+    counts = np.bincount(splits["train"][1], minlength=len(source.classes)).tolist()
     if 0 in counts:
-        raise DataError(f"class {classes[counts.index(0)]} has no training images in {root}: every class needs one")
-    draft = round(img_size / 0.875)
-    sets = [ImageSet(source, *splits[s], make_transform(img_size, mean, std, s == "train", vertical_flip), draft)
-            for s in ("train", "val", "test")]
-    return Data(*sets, classes, counts, splits)
+        raise DataError(f"class {source.classes[counts.index(0)]} has no training images in {root}: "
+                        "every class needs one")
+    augment = augment or default_augment(img_size)
+    transform = lambda policy: make_transform(img_size, mean, std, policy, source.vertical_flip)
+    image_set = lambda split, policy: ImageSet(source.images, *splits[split], transform(policy),
+                                               draft_size=round(img_size / 0.875))
+    return Data(image_set("train", augment), image_set("val", "none"), image_set("test", "none"),
+                image_set("train", "none"), source.classes, counts, splits)

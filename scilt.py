@@ -3,10 +3,10 @@
 Reimplements "Long-Tailed Classification in Scientific Image Domains" (Chen & Su, arXiv 2604.03687):
 a frozen vision foundation model (any timm ViT), LoRA adapters written from scratch, a cosine classifier
 on the penultimate block's features (s_1) and one on the final block's (s_2), a learned per-class gate
-that fuses them, dual supervision with logit-adjusted cross-entropy, long-tail metrics, and a Rademacher
-sanity check of the hypothesis class F_SciLT = F_{N-1} + F_N. The paper's equations are not public: where
-this file fixes a detail (cosine heads, the gate, logit adjustment, lambda), it is our reading, and the
-README says which parts are which.
+that fuses them, dual supervision with logit-adjusted cross-entropy, long-tail metrics, a linear probe
+baseline, and a Rademacher sanity check of the hypothesis class F_SciLT = F_{N-1} + F_N. The paper's
+equations are not public: where this file fixes a detail (cosine heads, the gate, logit adjustment,
+lambda), it is our reading, and the README says which parts are which.
 
 Follows: LoRA (Hu et al. 2021; microsoft/LoRA loralib), logit adjustment (Menon et al. 2021), Rademacher
 complexity of sums of classes (Bartlett & Mendelson 2002). Depends on torch, and on timm only in
@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 METHODS = ("scilt", "final", "penultimate")
+FUSIONS = ("class", "fixed")  # a learned per-class gate (the default), or the plain average a = 1/2
+COSINE_SCALE = 25.0           # s = scale * cos(W_k, h): logits in [-25, 25]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,6 +52,16 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    # Some attentions (EVA-02, BEiT, RoPE ViTs) call F.linear(x, qkv.weight, their_own_bias) themselves
+    # instead of qkv(x): they read the adapted weight here, so LoRA applies to them too (without dropout).
+    @property
+    def weight(self):
+        return self.base.weight if self.merged else self.base.weight + self.delta_weight()
+
+    @property
+    def bias(self):
+        return self.base.bias
 
     @torch.no_grad()
     def merge(self):
@@ -98,18 +110,43 @@ def unmerge_lora(model):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Classifiers, the tap and adaptive fusion.
+# The tap, the two classifiers and adaptive fusion.
+
+def tap(backbone, x, blocks=(-2, -1)):
+    """ONE pass through the blocks: h_l = pool(norm(z_l)), (B, C), for each of `blocks` (0-based, in block
+    order); by default h_pen = pool(norm(z_{N-1})) and h_fin = pool(norm(z_N)).
+
+    `norm` and `pool` are the backbone's own (final norm; CLS token, average or attention pooling). timm's
+    forward_intermediates runs every block once and hands back each norm(z_l) split into spatial and
+    prefix (CLS, register) tokens, which go back together before pooling. Nothing is kept between calls.
+    """
+    prefix = backbone.num_prefix_tokens > 0
+    levels = backbone.forward_intermediates(x, indices=[b % len(backbone.blocks) for b in blocks], norm=True,
+                                            output_fmt="NLC", return_prefix_tokens=prefix, intermediates_only=True)
+    return [backbone.forward_head(torch.cat([z[1], z[0]], dim=1) if prefix else z, pre_logits=True)
+            for z in levels]  # (B, T, C) with prefix tokens first, pooled to (B, C)
+
 
 class CosineClassifier(nn.Module):
     """s_k = scale * <W_k / |W_k|, h / |h|>: class scores that do not grow with a class's sample count."""
 
-    def __init__(self, dim, num_classes, scale=25.0):
+    def __init__(self, dim, num_classes):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.02)  # fallback; see SciLT.init_heads
-        self.scale = scale
+        self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, dim), dim=-1))  # see SciLT.init_heads
 
     def forward(self, h):  # (B, D) -> (B, K)
-        return self.scale * F.linear(F.normalize(h, dim=-1), F.normalize(self.weight, dim=-1))
+        return COSINE_SCALE * F.linear(F.normalize(h, dim=-1), F.normalize(self.weight, dim=-1))
+
+    @torch.no_grad()
+    def set_class_means(self, h, labels):
+        """Each class's row := the unit-norm mean of its normalised features h (N, D) (a class without
+        samples keeps its random unit row): the nearest-class-mean classifier. Rows of equal norm matter:
+        the gradient through normalize(W_k) scales as 1/|W_k| and AdamW's step does not, so unequal norms
+        would be per-class learning rates."""
+        sums = torch.zeros_like(self.weight).index_add_(0, labels, F.normalize(h.to(self.weight), dim=-1))
+        seen = torch.bincount(labels, minlength=len(sums)) > 0
+        self.weight[seen] = F.normalize(sums[seen], dim=-1)
+        return self
 
 
 class SciLTOutput(NamedTuple):
@@ -122,104 +159,106 @@ class SciLT(nn.Module):
     """A frozen timm ViT with LoRA, classifier1 on h_pen, classifier2 on h_fin, fused by a per-class gate.
 
     method: "scilt" (both heads, fused), "final" (final-layer head only: the standard PEFT long-tail
-    baseline) or "penultimate" (penultimate-layer head only).
+    baseline) or "penultimate" (penultimate-layer head only). fusion: "class" (a_k = sigmoid(g_k), learned)
+    or "fixed" (a = 1/2).
     """
 
-    def __init__(self, backbone, num_classes, class_counts, *, method="scilt", rank=8, alpha=8.0,
-                 targets=("qkv", "proj"), scale=25.0, tau=1.0, aux_weight=0.5):
+    def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", rank=8, alpha=8.0,
+                 targets=("qkv", "proj"), tau=1.0, aux_weight=0.5):
         super().__init__()
         assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
-        for attribute in ("blocks", "norm", "forward_features", "forward_head"):
+        assert fusion in FUSIONS, f"fusion must be one of {FUSIONS}, got {fusion!r}"
+        for attribute in ("blocks", "forward_intermediates", "forward_head", "num_prefix_tokens"):
             assert hasattr(backbone, attribute), f"backbone needs `{attribute}` like a timm ViT"
         assert len(backbone.blocks) >= 2, "the tap needs at least two blocks"
         counts = torch.as_tensor(class_counts, dtype=torch.float)
-        assert counts.shape == (num_classes,) and (counts > 0).all(), \
-            f"class_counts must hold {num_classes} positive training counts, got {class_counts}"
-        self.method, self.scale, self.tau, self.aux_weight = method, scale, tau, aux_weight
+        assert counts.ndim == 1 and (counts > 0).all(), f"class_counts must be positive, got {class_counts}"
+        num_classes, dim = len(counts), backbone.num_features
+        self.method, self.tau, self.aux_weight = method, tau, aux_weight
         self.backbone = backbone
         self.num_lora_layers = add_lora(backbone, rank, alpha, targets)
         if method == "penultimate":  # z_N never reaches the output: the last block cannot learn
             backbone.blocks[-1].requires_grad_(False)
-        # the tap: the penultimate block hands its output z_{N-1} to features() during the same pass
-        backbone.blocks[-2].register_forward_hook(self._keep_penultimate)
-        self._z_pen = None
-        dim = backbone.num_features
-        self.classifier1 = CosineClassifier(dim, num_classes, scale) if method != "final" else None
-        self.classifier2 = CosineClassifier(dim, num_classes, scale) if method != "penultimate" else None
-        self.gate = nn.Parameter(torch.zeros(num_classes)) if method == "scilt" else None  # a = 1/2 at start
+        self.classifier1 = CosineClassifier(dim, num_classes) if method != "final" else None
+        self.classifier2 = CosineClassifier(dim, num_classes) if method != "penultimate" else None
+        # the gate's logits g: a = sigmoid(g) = 1/2 at start; learned only with fusion "class"
+        self.gate = nn.Parameter(torch.zeros(num_classes), requires_grad=method == "scilt" and fusion == "class")
         self.register_buffer("log_prior", torch.log(counts / counts.sum()))
 
-    def _keep_penultimate(self, module, inputs, output):
-        self._z_pen = output
-
     def features(self, x):
-        """The tap: one pass through the blocks gives h_pen = pool(norm(z_{N-1})) and h_fin = pool(norm(z_N)).
-
-        `norm` and `pool` are the backbone's own (final norm; CLS token, average or attention pooling).
-        """
-        backbone = self.backbone
-        tokens = backbone.forward_features(x)  # norm(z_N), (B, T, C); the hook caught z_{N-1}
-        z_pen, self._z_pen = self._z_pen, None
-        h_pen = backbone.forward_head(backbone.norm(z_pen), pre_logits=True)  # (B, C)
-        h_fin = backbone.forward_head(tokens, pre_logits=True)                # (B, C)
-        return h_pen, h_fin
+        return tap(self.backbone, x)
 
     def fusion_weights(self):
-        """Per class, how much the prediction leans on the penultimate layer: a in (0, 1), shape (K,)."""
-        if self.gate is not None:
+        """Per class, how much the prediction leans on the penultimate layer: a in [0, 1], shape (K,)."""
+        if self.method == "scilt":
             return torch.sigmoid(self.gate)
-        return self.log_prior.new_full(self.log_prior.shape, float(self.method == "penultimate"))
+        return torch.full_like(self.gate, float(self.method == "penultimate"))
 
     def classify(self, h_pen, h_fin):
         s1 = self.classifier1(h_pen) if self.classifier1 is not None else None
         s2 = self.classifier2(h_fin) if self.classifier2 is not None else None
-        if self.method == "scilt":
-            a = self.fusion_weights()
-            # a classifier on the fused representation [h_pen, h_fin]: it stays inside F_{N-1} + F_N
-            logits = a * s1 + (1 - a) * s2
-        else:
-            logits = s1 if s2 is None else s2
-        return SciLTOutput(logits, s1, s2)
+        if s1 is None or s2 is None:  # an ablation: its one head is the prediction
+            return SciLTOutput(s2 if s1 is None else s1, s1, s2)
+        a = self.fusion_weights()
+        # a classifier on the fused representation [h_pen, h_fin]: it stays inside F_{N-1} + F_N
+        return SciLTOutput(a * s1 + (1 - a) * s2, s1, s2)
 
     def forward(self, x):
         return self.classify(*self.features(x))
 
     def loss(self, output, target):
         """Dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2)), LA the logit-adjusted CE."""
-        loss = logit_adjusted_loss(output.logits, target, log_prior=self.log_prior, tau=self.tau)
+        loss = logit_adjusted_loss(output.logits, target, self.log_prior, self.tau)
         if self.method == "scilt":
-            level_losses = [logit_adjusted_loss(s, target, log_prior=self.log_prior, tau=self.tau)
-                            for s in (output.s1, output.s2)]
-            loss = loss + self.aux_weight * sum(level_losses)
+            loss = loss + self.aux_weight * (logit_adjusted_loss(output.s1, target, self.log_prior, self.tau)
+                                             + logit_adjusted_loss(output.s2, target, self.log_prior, self.tau))
         return loss
 
-    @torch.no_grad()
     def init_heads(self, h_pen, h_fin, labels):
-        """Set each class's weight to its mean normalised training feature (classes without samples keep
-        their random start), so the heads begin as nearest-class-mean classifiers."""
+        """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features."""
         for head, h in ((self.classifier1, h_pen), (self.classifier2, h_fin)):
-            if head is None:
-                continue
-            h = F.normalize(h.float(), dim=-1)
-            sums = torch.zeros_like(head.weight).index_add_(0, labels, h.to(head.weight))
-            seen = torch.bincount(labels, minlength=len(sums)) > 0
-            head.weight[seen] = sums[seen]
+            if head is not None:
+                head.set_class_means(h, labels)
 
 
-def logit_adjusted_loss(logits, target, class_counts=None, tau=1.0, *, log_prior=None):
+def logit_adjusted_loss(logits, target, log_prior, tau=1.0):
     """LA(z, y) = CE(z + tau * log(prior), y) (Menon et al. 2021), prior = training class frequencies.
 
     Adding the log prior during training makes the plain argmax of z balanced at test time.
     """
-    if log_prior is None:
-        counts = torch.as_tensor(class_counts, dtype=torch.float, device=logits.device)
-        log_prior = torch.log(counts / counts.sum())
     return F.cross_entropy(logits.float() + tau * log_prior, target)
 
 
 def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The baseline every fine-tuning must beat: a linear probe on frozen features.
+
+def linear_probe(features, labels, log_prior, tau=1.0, weight_decay=1e-4, steps=200):
+    """Logit-adjusted softmax regression on frozen features (standardised), fit to convergence by full-
+    batch L-BFGS. Returns a function features -> logits. The adjustment makes its argmax balanced, as the
+    heads' loss does, so that its balanced accuracy is a fair bar for them."""
+    x = torch.as_tensor(features, dtype=torch.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], len(log_prior), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(log_prior), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  history_size=20, line_search_fn="strong_wolfe")
+    labels, log_prior = torch.as_tensor(labels), torch.as_tensor(log_prior, dtype=torch.float64)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias + tau * log_prior, labels) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    return lambda h: ((torch.as_tensor(h, dtype=torch.float64) - mean) / std) @ weight + bias
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,11 +304,12 @@ def long_tail_metrics(preds, targets, class_counts, class_names=None):
 
 def rademacher_complexity(features, bound=1.0, draws=1000, seed=0):
     """Monte-Carlo estimate of the empirical Rademacher complexity of {h -> <w, h> : |w| <= bound} on the
-    sample `features` (n, D): (bound / n) E_sigma |sum_i sigma_i h_i|."""
+    sample `features` (n, D): (bound / n) E_sigma |sum_i sigma_i h_i|. Returns (estimate, standard error)."""
     h = torch.as_tensor(features, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     sigma = torch.randint(0, 2, (draws, len(h)), generator=generator, dtype=torch.float64) * 2 - 1
-    return float(bound / len(h) * (sigma @ h).norm(dim=1).mean())
+    sups = bound / len(h) * (sigma @ h).norm(dim=1)  # (draws,) the supremum for each draw of sigma
+    return float(sups.mean()), float(sups.std() / math.sqrt(draws))
 
 
 def rademacher_bound(features, bound=1.0):
@@ -278,17 +318,23 @@ def rademacher_bound(features, bound=1.0):
     return float(bound / len(h) * h.pow(2).sum().sqrt())
 
 
-def rademacher_check(h_pen, h_fin, bound=25.0, draws=1000, seed=0):
-    """Each cosine head scores <w, h / |h|> with |w| = scale, so each level's class is
-    {h -> <w, h / |h|> : |w| <= scale}. R(F_{N-1} + F_N) <= R(F_{N-1}) + R(F_N) (Bartlett & Mendelson
-    2002): the SciLT figures are the levels' sums, and the estimate must stay under the bound."""
+def rademacher_check(h_pen, h_fin, fusion_weights, draws=1000, seed=0):
+    """On the TRAINING sample (the sample a generalisation bound is about). Each cosine head scores
+    <w, h / |h|> with |w| = COSINE_SCALE. The fused score of class k, a_k s_1 + (1 - a_k) s_2, lies in
+    a_k F_{N-1} + (1 - a_k) F_N, whose complexity is a_k R(F_{N-1}) + (1 - a_k) R(F_N) <= R(F_{N-1}) +
+    R(F_N) (Bartlett & Mendelson 2002). `holds`: every estimate under its closed-form bound within three
+    Monte-Carlo standard errors."""
     levels = {}
     for name, h in (("penultimate", h_pen), ("final", h_fin)):
         h = F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
-        levels[name] = {"estimate": rademacher_complexity(h, bound, draws, seed),
-                        "bound": rademacher_bound(h, bound)}
-    levels["scilt"] = {key: levels["penultimate"][key] + levels["final"][key] for key in ("estimate", "bound")}
-    levels["holds"] = bool(levels["scilt"]["estimate"] <= levels["scilt"]["bound"] * (1 + 1e-9))
+        estimate, error = rademacher_complexity(h, COSINE_SCALE, draws, seed)
+        levels[name] = {"estimate": estimate, "stderr": error, "bound": rademacher_bound(h, COSINE_SCALE)}
+    pen, fin = levels["penultimate"], levels["final"]
+    levels["sum"] = {k: pen[k] + fin[k] for k in ("estimate", "bound")}
+    levels["sum"]["stderr"] = math.hypot(pen["stderr"], fin["stderr"])
+    a = torch.as_tensor(fusion_weights, dtype=torch.float64).mean().item()  # the mean class's mixture
+    levels["fused"] = {k: a * pen[k] + (1 - a) * fin[k] for k in ("estimate", "stderr", "bound")}
+    levels["holds"] = all(v["estimate"] <= v["bound"] * (1 + 1e-9) + 3 * v["stderr"] for v in levels.values())
     levels["n"] = len(h_pen)
     return levels
 
@@ -317,10 +363,10 @@ def create_backbone(name, pretrained=False, weights=None, **timm_kwargs):
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise ValueError(f"could not load weights file {weights} into {name}: {reason}") from None
         if pretrained:
-            raise ValueError(f"could not fetch pretrained weights for {name} ({type(error).__name__}); "
-                             "download them where there is internet and pass --weights FILE "
-                             "(a .safetensors or .pth state dict)") from None
+            raise ValueError(f"could not fetch pretrained weights for {name} ({type(error).__name__}): "
+                             "without internet, load them from a local file instead") from None
         raise
-    if not all(hasattr(model, a) for a in ("blocks", "norm", "forward_head")):
-        raise ValueError(f"model {name!r} is not a ViT: SciLT needs `blocks`, `norm` and `forward_head`")
+    if not all(hasattr(model, a) for a in ("blocks", "forward_intermediates", "forward_head")):
+        raise ValueError(f"model {name!r} is not a ViT: SciLT needs `blocks`, `forward_intermediates` and "
+                         "`forward_head`")
     return model

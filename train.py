@@ -13,17 +13,20 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DistributedSampler, Subset
 
 import scilt
-from data import DataError, load_data, write_splits
+from data import AUGMENTS, DataError, Loader, load_data, write_splits
 
 # The embedded default's backbone: a 6-block ViT on 32 x 32 images (8 x 8 patches of 4 px). Its weights,
 # tiny_vit.safetensors, are a stand-in foundation model, made by tests/pretrain_tiny.py: pretrained on 14
@@ -32,11 +35,13 @@ from data import DataError, load_data, write_splits
 TINY = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
             weight_init="jax")
 TINY_WEIGHTS = Path(__file__).resolve().parent / "tiny_vit.safetensors"
-DEFAULTS = {  # what flags left out become: the embedded default, and the real job on a GPU
-    "synthetic": dict(model="tiny", epochs=10, batch_size=64, lr=2e-3, img_size=32),
-    "real": dict(model="vit_base_patch16_224.augreg_in21k", epochs=20, batch_size=64, lr=1e-3, img_size=224),
+DEFAULT_MODEL = {"synthetic": "tiny", "real": "vit_base_patch16_224.augreg_in21k"}
+DEFAULTS = {  # what flags left out become, for the tiny ViT on a CPU and for a real ViT on a GPU
+    "tiny": dict(epochs=20, batch_size=64, lr=3e-3, img_size=32),
+    "vit": dict(epochs=20, batch_size=64, lr=1e-3, img_size=224),
 }
 WARMUP_FRACTION, WEIGHT_DECAY = 0.05, 1e-2
+GATE_LR_SCALE = 30  # the gate's learning rate / the others': AdamW moves a parameter ~lr per step
 
 
 class Abort(Exception):
@@ -60,25 +65,28 @@ def parse_args(argv=None):
                    help="start from pretrained weights (timm's hub; for tiny, tiny_vit.safetensors)")
     p.add_argument("--weights", help="a local weights file (.safetensors or .pth) instead of the hub")
     p.add_argument("--method", default="scilt", choices=scilt.METHODS)
+    p.add_argument("--fusion", default="class", choices=scilt.FUSIONS, help="learned per-class gate, or a = 1/2")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--img-size", type=int)
-    p.add_argument("--imbalance-ratio", type=float, default=100.0)
+    p.add_argument("--augment", choices=AUGMENTS, help="default: strong from 128 px up, light below")
+    p.add_argument("--imbalance-ratio", type=float, help="r of the long-tailed protocol (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, help="data loader processes (default: 0 for synthetic, else up to 8)")
     p.add_argument("--out", help="output folder (default: runs/<data>-<method>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out on the test set")
+    p.add_argument("--analyze", action="store_true",
+                   help="no training: how well each block's frozen features serve each class group (layers.json)")
     args = p.parse_args(argv)
-    if args.model == "tiny" and args.img_size is None:  # on any data set, the size it was pretrained at
-        args.img_size = TINY["img_size"]
-    for key, value in DEFAULTS["synthetic" if args.data == "synthetic" else "real"].items():
+    args.model = args.model or DEFAULT_MODEL["synthetic" if args.data == "synthetic" else "real"]
+    for key, value in DEFAULTS["tiny" if args.model == "tiny" else "vit"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.workers is None:
         args.workers = 0 if args.data == "synthetic" else min(8, os.cpu_count() or 1)
     for name in ("epochs", "batch_size", "lr", "lora_rank", "img_size", "imbalance_ratio"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if (args.resume or args.eval_only) and not args.out:
         p.error("--resume and --eval-only need --out, the folder of the run")
@@ -95,17 +103,34 @@ def create_backbone(args):
     try:
         return scilt.create_backbone(**kwargs)
     except ValueError as error:
-        raise Abort(str(error)) from None
+        hint = "; download them where there is internet and pass --weights FILE" if "internet" in str(error) else ""
+        raise Abort(f"{error}{hint}") from None
 
 
-def loader(dataset, args, device, *, train, rank, world):
+# ----------------------------------------------------------------------------------------------------
+# Data loading and prediction, over one process or several (torchrun).
+
+def setup_distributed(device):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def loader(dataset, args, device, *, train=False):
     """Training: a seeded shuffle split over processes. Evaluation: every process takes every world-th
-    image, in order, so that the gathered predictions cover the test set exactly once."""
+    image, in order, so that the gathered predictions cover the set exactly once."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     if train:
         sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
-        return DataLoader(dataset, sampler=sampler, drop_last=len(dataset) // world >= args.batch_size, **common)
-    return DataLoader(Subset(dataset, range(rank, len(dataset), world)), **common)
+        return Loader(dataset, sampler=sampler, drop_last=len(dataset) // world >= args.batch_size, **common)
+    return Loader(Subset(dataset, range(rank, len(dataset), world)), **common)
 
 
 @torch.no_grad()
@@ -120,48 +145,205 @@ def predict(model, data_loader, device):
         for key, value in zip(keep, (h_pen, h_fin, *out, labels)):
             if value is not None:
                 keep[key].append(value.float().cpu() if value.is_floating_point() else value)
-    result = {k: torch.cat(v) for k, v in keep.items() if v}
-    if dist.is_initialized():
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, result)
-        result = {k: torch.cat([part[k] for part in parts]) for k in result}
-    return result
+    return gather({k: torch.cat(v) for k, v in keep.items() if v})
 
 
-def evaluate(model, predictions, classes, counts):
-    """The report: fused-prediction metrics, then each head's, the fusion weights and the Rademacher check."""
-    labels = predictions["labels"].numpy()
-    heads = {name: scilt.long_tail_metrics(predictions[key].argmax(1).numpy(), labels, counts, classes)
-             for name, key in (("fused", "logits"), ("final", "s2"), ("penultimate", "s1")) if key in predictions}
-    columns = ("overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle", "tail")
+def gather(result):
+    """Join every process's part of an evaluation (name -> tensor), in the order loader() dealt them."""
+    if not dist.is_initialized():
+        return result
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, result)
+    return {k: torch.cat([part[k] for part in parts]) for k in result}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training.
+
+def get_lr(step, total_steps, args):
+    warmup = max(1, round(WARMUP_FRACTION * total_steps))
+    if step < warmup:  # 1) linear warm-up from lr / warmup
+        return args.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)  # 2) then cosine decay to 0
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log):
+    """One pass over the training set; returns its seconds. Stops on a non-finite loss."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    steps, total_steps = len(train_loader), args.epochs * len(train_loader)
+    log_every = max(1, min(50, steps // 4))
+    torch.manual_seed(args.seed + 1000 * (dist.get_rank() if world > 1 else 0) + epoch)  # resumable draws
+    train_loader.sampler.set_epoch(epoch)
+    ddp.train()
+    started, seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
+    for i, (images, labels) in enumerate(train_loader):
+        step = epoch * steps + i
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(step, total_steps, args) * group["lr_scale"]
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.loss(ddp(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        seen += len(images)
+        if (i + 1) % log_every == 0 or i + 1 == steps:
+            total_loss = loss_sum.clone()
+            if world > 1:  # every process sees the same mean, so all stop together on a bad loss
+                dist.all_reduce(total_loss)
+            mean_loss = total_loss.item() / (world * (i + 1))
+            if not math.isfinite(mean_loss):
+                raise Abort(f"the loss became {mean_loss} in epoch {epoch + 1}; the last good checkpoint "
+                            f"is in {args.out} (try a lower --lr)")
+            elapsed = time.time() - started
+            left = elapsed / (i + 1) * (total_steps - step - 1)
+            log(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {mean_loss:.4f} "
+                f"lr {get_lr(step, total_steps, args):.2e} {seen * world / elapsed:.0f} img/s "
+                f"left {int(left // 60)}m{int(left % 60):02d}s")
+    return time.time() - started
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation and the report.
+
+PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+HEAD_KEYS = ("overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle", "tail")
+
+
+def head_metrics(scores, labels, counts, classes=None):
+    return scilt.long_tail_metrics(scores.argmax(1).numpy(), labels.numpy(), counts, classes)
+
+
+def fit_probe(train_h, train_labels, val_h, val_labels, counts):
+    """The linear probe (scilt.linear_probe) with its weight decay chosen by val balanced accuracy."""
+    log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts))
+    probes = [scilt.linear_probe(train_h, train_labels, log_prior, weight_decay=decay) for decay in PROBE_WEIGHT_DECAYS]
+    if len(val_labels) == 0:
+        return probes[len(probes) // 2]
+    return max(probes, key=lambda probe: head_metrics(probe(val_h), val_labels, counts)["balanced_acc"])
+
+
+def start_metrics(train, val, test, counts):
+    """The model at step 0 (class-mean heads on the pretrained features, fused as the method fuses them)
+    and a linear probe on the pretrained final-layer features: the two bars training must clear."""
+    no_val = torch.zeros(0, dtype=torch.long)
+    probe = fit_probe(train["h_fin"], train["labels"], val.get("h_fin"), val.get("labels", no_val), counts)
+    return {name: {k: v for k, v in head_metrics(scores, test["labels"], counts).items() if k in HEAD_KEYS}
+            for name, scores in (("start", test["logits"]), ("probe", probe(test["h_fin"])))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# --analyze: which block's frozen features serve which classes, before any training.
+
+@torch.no_grad()
+def block_features(backbone, data_loader, device):
+    """pool(norm(z_l)) of every block l, one pass per batch: {"h": (N, L, C) float32 on the CPU, "labels"}."""
+    backbone.eval()
+    features = [torch.zeros(0, len(backbone.blocks), backbone.num_features)]
+    labels = [torch.zeros(0, dtype=torch.long)]  # an empty val set gives empty tensors
+    for images, y in data_loader:
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            levels = scilt.tap(backbone, images.to(device, non_blocking=True), range(len(backbone.blocks)))
+        features.append(torch.stack(levels, dim=1).float().cpu())
+        labels.append(y)
+    return gather({"h": torch.cat(features), "labels": torch.cat(labels)})
+
+
+def analyze(backbone, data, args, device, log):
+    """For each block: class means (the heads' start) and a linear probe on its frozen features, scored on
+    the test set. Returns one entry per block, as layers.json holds it."""
+    sets = {name: block_features(backbone.to(device), loader(dataset, args, device), device)
+            for name, dataset in (("train", data.train_eval), ("val", data.val), ("test", data.test))}
+    counts, layers = data.class_counts, []
+    for block in range(len(backbone.blocks)):
+        h = {name: s["h"][:, block] for name, s in sets.items()}
+        means = scilt.CosineClassifier(h["train"].shape[1], len(counts)).set_class_means(h["train"], sets["train"]["labels"])
+        probe = fit_probe(h["train"], sets["train"]["labels"], h["val"], sets["val"]["labels"], counts)
+        layers.append({"block": block + 1, **{name: {k: v for k, v in head_metrics(
+            scores, sets["test"]["labels"], counts).items() if k in HEAD_KEYS}
+            for name, scores in (("ncm", means(h["test"])), ("probe", probe(h["test"])))}})
+        log(f"block {block + 1}/{len(backbone.blocks)}: class means {100 * layers[-1]['ncm']['balanced_acc']:.1f}%, "
+            f"probe {100 * layers[-1]['probe']['balanced_acc']:.1f}% balanced accuracy")
+    return layers
+
+
+def print_layers(layers):
+    groups = ("many", "medium", "few")
+    if any(layers[0]["ncm"][g] is None for g in groups):  # e.g. 8 classes, none with > 100 images
+        groups = ("head", "middle", "tail")
+    columns = [(kind, key) for kind in ("ncm", "probe") for key in ("balanced_acc", *groups)]
+    best = {c: max(layer[c[0]][c[1]] or 0 for layer in layers) for c in columns}
+    cell = lambda layer, c: "     -" if layer[c[0]][c[1]] is None else \
+        f"{100 * layer[c[0]][c[1]]:5.1f}{'*' if layer[c[0]][c[1]] == best[c] else ' '}"
+    print(f"\n{'':6s}{'class means (start)':^32s}  {'linear probe':^32s}")
+    print(f"{'block':6s}" + "".join(f"{k.removesuffix('_acc')[:8]:>8s}" + ("  " if i == 3 else "")
+                                    for i, (_, k) in enumerate(columns)))
+    for layer in layers:
+        print(f"{layer['block']:<6d}" + "".join(f"{cell(layer, c):>8s}" + ("  " if i == 3 else "")
+                                             for i, c in enumerate(columns)))
+    tail, pen, fin = groups[-1], layers[-2], layers[-1]
+    verdict = [f"{kind} {100 * pen[kind][tail]:.1f}% vs {100 * fin[kind][tail]:.1f}%" for kind in ("probe", "ncm")]
+    better = pen["probe"][tail] > fin["probe"][tail]
+    print(f"(* best block per column) On this data the penultimate block's frozen features serve the {tail} "
+          f"classes {'better' if better else 'no better'} than the final block's ({tail}: {', '.join(verdict)}).")
+
+
+
+def report(model, test, val, train, classes, counts, before):
+    """metrics.json: fused-prediction metrics, each head's, what each level does per class, the check."""
+    heads = {name: head_metrics(test[key], test["labels"], counts, classes)
+             for name, key in (("fused", "logits"), ("final", "s2"), ("penultimate", "s1")) if key in test}
+    a = model.fusion_weights().detach().cpu()
+    correlation = None
+    if "s1" in val and "s2" in val and a.std() > 0:  # does a class lean on the level that serves it better?
+        gain = [p - f if p is not None and f is not None else 0.0 for p, f in zip(
+            head_metrics(val["s1"], val["labels"], counts)["per_class_acc"].values(),
+            head_metrics(val["s2"], val["labels"], counts)["per_class_acc"].values())]
+        correlation = float(np.corrcoef(a.numpy(), gain)[0, 1]) if np.std(gain) > 0 else None
+    train_balanced = head_metrics(train["logits"], train["labels"], counts)["balanced_acc"]
+    rademacher = scilt.rademacher_check(train["h_pen"], train["h_fin"], a)
+    rademacher.update(train_balanced_acc=train_balanced, gap=train_balanced - heads["fused"]["balanced_acc"])
     return {
         **heads["fused"],
         "class_counts": dict(zip(classes, counts)),
-        "heads": {name: ({k: heads[name][k] for k in columns} if name in heads else None)
-                  for name in ("penultimate", "final", "fused")},
-        "fusion_weights": dict(zip(classes, model.fusion_weights().tolist())),
-        "rademacher": scilt.rademacher_check(predictions["h_pen"], predictions["h_fin"], bound=model.scale),
+        "heads": {**before, **{name: ({k: heads[name][k] for k in HEAD_KEYS} if name in heads else None)
+                               for name in ("penultimate", "final", "fused")}},
+        "fusion_weights": dict(zip(classes, a.tolist())),
+        "fusion_val_correlation": correlation,
+        "rademacher": rademacher,
     }
 
 
 def print_report(metrics):
     percent = lambda v: "     -" if v is None else f"{100 * v:6.1f}"
     columns = ("overall_acc", "balanced_acc", "many", "medium", "few", "head", "middle", "tail")
-    print(f"\n{'test set':18s}" + "".join(f"{c.removesuffix('_acc'):>9s}" for c in columns))
-    for name, label in (("fused", "fused"), ("final", "final head"), ("penultimate", "penultimate head")):
-        if metrics["heads"][name]:
-            print(f"{label:18s}" + "".join(f"{percent(metrics['heads'][name][c]):>9s}" for c in columns))
+    print(f"\n{'test set':22s}" + "".join(f"{c.removesuffix('_acc'):>9s}" for c in columns))
+    for name, label in (("start", "start (step 0)"), ("probe", "linear probe"), ("fused", "fused"),
+                        ("final", "final head"), ("penultimate", "penultimate head")):
+        if metrics["heads"].get(name):
+            print(f"{label:22s}" + "".join(f"{percent(metrics['heads'][name][c]):>9s}" for c in columns))
     print(f"\n{'class':26s}{'train':>7s}{'acc':>8s}{'a (penult.)':>13s}")
     for name, count in metrics["class_counts"].items():
         print(f"{name:26s}{count:7d}{percent(metrics['per_class_acc'][name]):>8s}"
               f"{metrics['fusion_weights'][name]:13.3f}")
+    if metrics["fusion_val_correlation"] is not None:
+        print(f"correlation on val between a and (penultimate - final head accuracy) per class: "
+              f"{metrics['fusion_val_correlation']:+.2f}")
     r = metrics["rademacher"]
-    print(f"\nRademacher check on {r['n']} test features (|w| <= scale on unit features): "
-          + ", ".join(f"{k} {r[k]['estimate']:.4f} <= {r[k]['bound']:.4f}" for k in ("penultimate", "final", "scilt"))
-          + f": {'holds' if r['holds'] else 'VIOLATED'}")
+    print(f"\nRademacher check on the {r['n']} training images (unit features, |w| <= {scilt.COSINE_SCALE:g}; "
+          "estimate ± s.e. <= bound): " + ", ".join(
+              f"{k} {r[k]['estimate']:.3f}±{r[k]['stderr']:.3f} <= {r[k]['bound']:.3f}"
+              for k in ("penultimate", "final", "sum", "fused")) + f": {'holds' if r['holds'] else 'VIOLATED'}")
+    print(f"train - test balanced accuracy gap: {percent(r['train_balanced_acc']).strip()}% - "
+          f"{percent(metrics['balanced_acc']).strip()}% = {100 * r['gap']:.1f} points")
     print(f"balanced accuracy {percent(metrics['balanced_acc']).strip()}%, macro-F1 "
           f"{percent(metrics['macro_f1']).strip()}%")
 
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: what learns (LoRA, heads, gate), the optimizer, the run's state and arguments.
 
 def trainable_state(model):
     return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -177,55 +359,57 @@ def save_atomically(obj, path, text=False):
 
 
 def load_checkpoint(path, classes):
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise Abort(f"cannot read checkpoint {path} ({type(error).__name__}): expected a complete "
+                    "checkpoint.pt written by train.py; it may be truncated") from None
     if checkpoint["classes"] != classes:
         raise Abort(f"checkpoint {path} was trained on {len(checkpoint['classes'])} classes "
                     f"({', '.join(checkpoint['classes'][:4])}, ...), but this data set has {len(classes)}")
     return checkpoint
 
 
-def restore(model, optimizer, checkpoint, path):
-    if set(checkpoint["model"]) != set(trainable_state(model)):
-        old = checkpoint["args"]
-        raise Abort(f"checkpoint {path} holds another model: it was trained with --model {old['model']} "
-                    f"--method {old['method']} --lora-rank {old['lora_rank']}")
+def restore(model, optimizer, checkpoint, path, args):
+    expected = {k: v.shape for k, v in trainable_state(model).items()}
+    if {k: v.shape for k, v in checkpoint["model"].items()} != expected:
+        was = checkpoint["args"]
+        flags = lambda a: f"--model {a['model']} --method {a['method']} --lora-rank {a['lora_rank']}"
+        raise Abort(f"checkpoint {path} holds another model: it was trained with {flags(was)}, this run "
+                    f"asks for {flags(vars(args))}")
     model.load_state_dict(checkpoint["model"], strict=False)
     optimizer.load_state_dict(checkpoint["optimizer"])
 
 
-def setup_distributed(device):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per GPU (nccl), or per CPU slot (gloo)."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(device)
-    device = torch.device(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
+# ----------------------------------------------------------------------------------------------------
 
 def run(args):
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    out = Path(args.out)
+    out, continuing = Path(args.out), args.resume or args.eval_only
     checkpoint_path = out / "checkpoint.pt"
-    continuing = args.resume or args.eval_only
-    if not continuing and checkpoint_path.exists():
-        raise Abort(f"{out} already holds a run: pass --resume or --eval-only, or choose another --out")
-    if continuing and not checkpoint_path.is_file():
-        raise Abort(f"no checkpoint at {checkpoint_path}: train into that --out first")
+    if continuing != checkpoint_path.exists() and not args.analyze:
+        raise Abort(f"no checkpoint at {checkpoint_path}: train into that --out first" if continuing else
+                    f"{out} already holds a run: pass --resume or --eval-only, or choose another --out")
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # the data first, normalised as the backbone was pretrained, so that a bad --data-root fails at once
     config = timm.models.get_pretrained_cfg(TINY["name"] if args.model == "tiny" else args.model)
-    data = load_data(args.data, args.data_root, img_size=args.img_size, imbalance_ratio=args.imbalance_ratio,
-                     seed=args.seed, mean=getattr(config, "mean", (0.5,) * 3), std=getattr(config, "std", (0.5,) * 3),
+    data = load_data(args.data, args.data_root, img_size=args.img_size, augment=args.augment,
+                     imbalance_ratio=args.imbalance_ratio, seed=args.seed,
+                     mean=getattr(config, "mean", (0.5,) * 3), std=getattr(config, "std", (0.5,) * 3),
                      splits=out / "splits.csv" if continuing else None)
+    if args.analyze:
+        layers = analyze(create_backbone(args), data, args, device, log)
+        if rank == 0:
+            print_layers(layers)
+            out.mkdir(parents=True, exist_ok=True)
+            save_atomically(layers, out / "layers.json", text=True)
+            log(f"wrote {out / 'layers.json'}")
+        return out
     checkpoint = load_checkpoint(checkpoint_path, data.classes) if continuing else None
-    backbone = create_backbone(args)
-    model = scilt.SciLT(backbone, len(data.classes), data.class_counts, method=args.method,
+    model = scilt.SciLT(create_backbone(args), data.class_counts, method=args.method, fusion=args.fusion,
                         rank=args.lora_rank, alpha=float(args.lora_rank)).to(device)
     trainable, total = scilt.count_parameters(model)
     log(f"{args.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
@@ -233,80 +417,56 @@ def run(args):
     log(f"{args.model} + LoRA r={args.lora_rank} on {model.num_lora_layers} layers, method {args.method}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), {world} x {device}")
 
-    train_loader = loader(data.train, args, device, train=True, rank=rank, world=world)
-    val_loader = loader(data.val, args, device, train=False, rank=rank, world=world)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]  # LoRA and head matrices
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # the gate
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    state = dict(epoch=0, best_epoch=0, best_val=-1.0, train_seconds=0.0, best=None)
+    gate = [p for p in [model.gate] if p.requires_grad]
+    others = [p for p in model.parameters() if p.requires_grad and p is not model.gate]  # LoRA, heads
+    optimizer = torch.optim.AdamW([{"params": others, "weight_decay": WEIGHT_DECAY, "lr_scale": 1.0},
+                                   {"params": gate, "weight_decay": 0.0, "lr_scale": GATE_LR_SCALE}])
+    test_loader, val_loader = loader(data.test, args, device), loader(data.val, args, device)
+    train_eval_loader = loader(data.train_eval, args, device)
     if continuing:
-        restore(model, optimizer, checkpoint, checkpoint_path)
-        state = {k: checkpoint[k] for k in state}
+        restore(model, optimizer, checkpoint, checkpoint_path, args)
+        state = checkpoint["state"]
         log(f"loaded {checkpoint_path}: {state['epoch']} epoch(s) done, best val balanced acc "
             f"{100 * state['best_val']:.1f}% at epoch {state['best_epoch']}")
-    else:  # heads start as nearest-class-mean classifiers on the pretrained features
-        features = predict(model, loader(data.train, args, device, train=False, rank=rank, world=world),
-                           device)
-        model.init_heads(features["h_pen"].to(device), features["h_fin"].to(device), features["labels"].to(device))
+    else:  # heads start as nearest-class-mean classifiers on the un-augmented pretrained features
+        train = predict(model, train_eval_loader, device)
+        model.init_heads(train["h_pen"].to(device), train["h_fin"].to(device), train["labels"].to(device))
+        before = start_metrics(train, predict(model, val_loader, device), predict(model, test_loader, device),
+                               data.class_counts)
+        state = dict(epoch=0, best_epoch=0, best_val=-1.0, train_seconds=0.0, best=None, before=before)
+        log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}%, linear probe on "
+            f"frozen features {100 * before['probe']['balanced_acc']:.1f}% balanced accuracy")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_splits(out / "splits.csv", data)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    steps_per_epoch = len(train_loader)
-    total_steps, warmup = args.epochs * steps_per_epoch, max(1, round(WARMUP_FRACTION * args.epochs * steps_per_epoch))
-    learning_rate = lambda step: args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * max(0, step - warmup) / max(1, total_steps - warmup)))
-    log_every = max(1, min(50, steps_per_epoch // 4))
-    for epoch in range(state["epoch"], 0 if args.eval_only else args.epochs):
-        # reseeding each epoch makes a resumed run draw the same shuffles and augmentations
-        torch.manual_seed(args.seed + 1000 * rank + epoch)
-        train_loader.sampler.set_epoch(epoch)
-        ddp.train()
-        started, seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
-        for i, (images, labels) in enumerate(train_loader):
-            step = epoch * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model.loss(ddp(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
-            seen += len(images)
-            if (i + 1) % log_every == 0 or i + 1 == steps_per_epoch:
-                total_loss = loss_sum.clone()
-                if world > 1:  # every process sees the same mean, so all stop together on a bad loss
-                    dist.all_reduce(total_loss)
-                mean_loss = total_loss.item() / (world * (i + 1))
-                if not math.isfinite(mean_loss):
-                    raise Abort(f"the loss became {mean_loss} in epoch {epoch + 1}; the last good checkpoint "
-                                f"is {checkpoint_path} (try a lower --lr)")
-                elapsed = time.time() - started
-                left = elapsed / (i + 1) * (total_steps - step - 1)
-                log(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} loss {mean_loss:.4f} "
-                    f"lr {learning_rate(step):.2e} {seen * world / elapsed:.0f} img/s "
-                    f"left {int(left // 60)}m{int(left % 60):02d}s")
-        state["train_seconds"] += time.time() - started
-        val = predict(model, val_loader, device)
-        val = scilt.long_tail_metrics(val["logits"].argmax(1), val["labels"], data.class_counts)["balanced_acc"]
-        state["epoch"] = epoch + 1
-        if val > state["best_val"]:
-            state.update(best_val=val, best_epoch=epoch + 1, best=trainable_state(model))
-        log(f"epoch {epoch + 1}: val balanced acc {100 * val:.1f}% (best {100 * state['best_val']:.1f}% at "
-            f"epoch {state['best_epoch']})")
-        if rank == 0:
-            save_atomically({**state, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                             "classes": data.classes, "args": vars(args)}, checkpoint_path)
+    if not args.eval_only:
+        if len(data.val) == 0:
+            log("no val images: the test set is evaluated with the last epoch")
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        train_loader = loader(data.train, args, device, train=True)
+        for epoch in range(state["epoch"], args.epochs):
+            state["train_seconds"] += train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log)
+            state["epoch"] = epoch + 1
+            if len(data.val):  # keep the epoch that does best on val
+                val = predict(model, val_loader, device)
+                score = head_metrics(val["logits"], val["labels"], data.class_counts)["balanced_acc"]
+                if score > state["best_val"]:
+                    state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))
+                log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% (best {100 * state['best_val']:.1f}%"
+                    f" at epoch {state['best_epoch']})")
+            else:
+                state.update(best_epoch=epoch + 1, best=trainable_state(model))
+            if rank == 0:
+                save_atomically({"state": state, "model": trainable_state(model), "classes": data.classes,
+                                 "optimizer": optimizer.state_dict(), "args": vars(args)}, checkpoint_path)
 
-    if state["best"] is not None:  # test the epoch that did best on val
+    if state["best"] is not None:
         model.load_state_dict(state["best"], strict=False)
-    predictions = predict(model, loader(data.test, args, device, train=False, rank=rank, world=world), device)
+    test, val = predict(model, test_loader, device), predict(model, val_loader, device)
+    train = predict(model, train_eval_loader, device)
     if rank == 0:
-        metrics = evaluate(model, predictions, data.classes, data.class_counts)
+        metrics = report(model, test, val, train, data.classes, data.class_counts, state["before"])
         metrics.update(trainable_params=trainable, total_params=total, train_seconds=round(state["train_seconds"], 1),
                        method=args.method, best_epoch=state["best_epoch"], epochs=state["epoch"], args=vars(args))
         print_report(metrics)
@@ -322,8 +482,7 @@ def main(argv=None):
     try:
         return run(args)
     except (Abort, DataError) as error:
-        # a DataLoader worker re-raises our DataError with its traceback in the message: keep our line
-        print(f"error: {str(error).strip().splitlines()[-1].removeprefix('data.DataError: ')}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

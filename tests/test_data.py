@@ -252,3 +252,39 @@ def test_synthetic_is_deterministic_long_tailed_and_balanced():
     other = data.make_synthetic(seed=1)[1]
     assert other.shape == a.test.source.shape and not np.array_equal(other, a.test.source)
     assert load_data("synthetic", imbalance_ratio=10).class_counts[-1] == 40
+
+
+def test_augment_policies_and_the_unaugmented_training_view():
+    assert data.default_augment(32) == "light" and data.default_augment(224) == "strong"
+    d = load_data("synthetic", img_size=32, augment="light")
+    plain = d.train_eval[3][0]  # the training image as evaluation sees it: the same on every call
+    torch.testing.assert_close(plain, d.train_eval[3][0], rtol=0, atol=0)
+    flips = [plain, plain.flip(-1), plain.flip(-2), plain.flip(-1).flip(-2)]
+    seen = set()
+    for seed in range(12):  # light: that very view, flipped at random, never cropped
+        torch.manual_seed(seed)
+        augmented = d.train[3][0]
+        seen.add(next(i for i, view in enumerate(flips) if torch.equal(view, augmented)))
+    assert len(seen) > 1
+    strong = load_data("synthetic", img_size=32, augment="strong")
+    torch.manual_seed(0)
+    assert not any(torch.equal(strong.train[3][0], view) for view in flips)  # a random resized crop
+    assert load_data("synthetic", img_size=32).train.transform.transforms[0].__class__.__name__ == "Resize"
+
+
+def test_imbalance_ratio_only_where_the_protocol_applies(tmp_path):
+    np.savez(tmp_path / "x.npz", **{f"{s}_{k}": np.zeros((2, 8, 8), np.uint8) if k == "images" else np.array([[0], [1]])
+                                   for s in ("train", "val", "test") for k in ("images", "labels")})
+    with pytest.raises(DataError, match="--imbalance-ratio does not apply to --data npz, which keeps its own splits"):
+        load_data("npz", tmp_path / "x.npz", imbalance_ratio=10)
+    assert load_data("npz", tmp_path / "x.npz").class_counts == [1, 1]
+
+
+def test_loader_worker_error_arrives_as_one_line(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    (tmp_path / "b.jpg").write_bytes(image_bytes((64, 64))[:200])
+    images = data.ImageSet(tmp_path, ["a.jpg", "b.jpg"], [0, 1], data.make_transform(16, (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(DataError) as error:
+        list(data.Loader(images, batch_size=2, num_workers=1))
+    assert str(error.value).startswith("cannot read image") and "b.jpg" in str(error.value)
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)

@@ -47,17 +47,22 @@ def test_default_run_writes_the_report(tmp_path, capsys):
     assert len(metrics["per_class_acc"]) == len(metrics["fusion_weights"]) == 10
     assert list(metrics["class_counts"].values()) == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
     assert all(0 < a < 1 for a in metrics["fusion_weights"].values())
-    for head in ("penultimate", "final", "fused"):
+    for head in ("start", "probe", "penultimate", "final", "fused"):
         assert {"balanced_acc", "many", "medium", "few"} <= set(metrics["heads"][head])
     assert metrics["heads"]["fused"]["balanced_acc"] == metrics["balanced_acc"]
-    assert metrics["rademacher"]["holds"] and metrics["rademacher"]["n"] == 1000
+    r = metrics["rademacher"]
+    assert r["holds"] and r["n"] == 988  # the training sample
+    assert r["gap"] == pytest.approx(r["train_balanced_acc"] - metrics["balanced_acc"])
+    a = torch.tensor(list(metrics["fusion_weights"].values()), dtype=torch.float64).mean().item()
+    assert r["fused"]["estimate"] == pytest.approx(a * r["penultimate"]["estimate"] + (1 - a) * r["final"]["estimate"])
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     printed = capsys.readouterr().out
     assert "penultimate head" in printed and "Rademacher check" in printed and "img/s" in printed
+    assert "start (step 0)" in printed and "linear probe" in printed
     # the checkpoint holds what learns, not the frozen backbone, and loads without pickled code
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert sum(v.numel() for v in checkpoint["model"].values()) == metrics["trainable_params"]
-    assert checkpoint["args"]["method"] == "scilt" and checkpoint["epoch"] == 1
+    assert checkpoint["args"]["method"] == "scilt" and checkpoint["state"]["epoch"] == 1
     assert (tmp_path / "splits.csv").read_text().count("\n") == 988 + 200 + 1000 + 1
 
 
@@ -111,6 +116,8 @@ def test_real_data_defaults_to_hub_weights_and_says_how_to_go_offline(tmp_path, 
     error = fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r"))
     assert "could not fetch pretrained weights for vit_base_patch16_224.augreg_in21k" in error
     assert "pass --weights FILE" in error and not (tmp_path / "r").exists()
+    assert "--imbalance-ratio does not apply to --data npz" in fails(
+        capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--imbalance-ratio", "10")
 
 
 def write_npz(path, num_classes):
@@ -146,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
     saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(scilt.SciLT, "loss", lambda self, output, target: output.logits.sum() * float("nan"))
     error = fails(capsys, "--img-size", "16", "--epochs", "3", "--out", out, "--resume")
-    assert "the loss became nan in epoch 3" in error and "last good checkpoint" in error
+    assert "the loss became nan in epoch 3" in error and "last good checkpoint is in" in error
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
 
 
@@ -179,7 +186,7 @@ def test_torchrun_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("Rademacher check") == 1  # only rank 0 reports
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["rademacher"]["n"] == 1000  # predictions gathered over the whole test set, once each
+    assert metrics["rademacher"]["n"] == 988  # features gathered over the whole training set, once each
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "splits.csv"]
 
 
@@ -193,3 +200,82 @@ def test_tiny_default_is_the_bundled_foundation_model():
         torch.testing.assert_close(tensor, stored[name].float(), rtol=0, atol=0)
     random = train.create_backbone(train.parse_args(["--no-pretrained"]))
     assert not torch.equal(random.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
+
+
+def test_start_row_is_the_class_mean_model_at_step_0(tmp_path):
+    """heads.start, computed here independently: cosine nearest class mean on the frozen final features."""
+    metrics = run(*FAST, "--method", "final", "--out", str(tmp_path))
+    args = train.parse_args(FAST)
+    data = train.load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    backbone = train.create_backbone(args).eval()
+    with torch.no_grad():
+        features = lambda images: torch.nn.functional.normalize(scilt.tap(backbone, torch.stack(
+            [image for image, _ in images]))[1], dim=-1)
+        train_h, test_h = features(data.train_eval), features(data.test)
+    train_labels, test_labels = torch.tensor(data.train_eval.labels), torch.tensor(data.test.labels)
+    means = torch.stack([train_h[train_labels == k].mean(0) for k in range(10)])
+    predictions = (test_h @ means.T).argmax(1)
+    expected = scilt.long_tail_metrics(predictions.numpy(), test_labels.numpy(), data.class_counts)
+    assert metrics["heads"]["start"]["balanced_acc"] == pytest.approx(expected["balanced_acc"])
+    assert metrics["heads"]["start"]["few"] == pytest.approx(expected["few"])
+
+
+def test_training_lowers_the_loss_and_beats_step_0(tmp_path, capsys):
+    metrics = run("--epochs", "4", "--out", str(tmp_path))
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if " loss " in line]
+    assert losses[-1] < 0.7 * losses[0]
+    assert metrics["balanced_acc"] > metrics["heads"]["start"]["balanced_acc"]
+
+
+def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run(*FAST, "--out", out)
+    saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    error = fails(capsys, *FAST, "--out", out, "--lora-rank", "4", "--eval-only")
+    assert "holds another model: it was trained with --model tiny --method scilt --lora-rank 8" in error
+    assert "asks for --model tiny --method scilt --lora-rank 4" in error
+    assert "holds another model" in fails(capsys, *FAST, "--out", out, "--method", "final", "--resume")
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(saved[: len(saved) // 2])  # a copy cut short
+    error = fails(capsys, *FAST, "--out", out, "--resume")
+    assert error.startswith(f"error: cannot read checkpoint {tmp_path / 'run' / 'checkpoint.pt'}")
+
+
+def test_folder_without_val_images_selects_the_last_epoch(tmp_path, capsys):
+    image = io.BytesIO()
+    Image.new("RGB", (20, 20), (90, 30, 60)).save(image, "PNG")
+    for split in ("train", "test"):
+        for name in ("cats", "dogs"):
+            (tmp_path / split / name).mkdir(parents=True)
+            (tmp_path / split / name / "0.png").write_bytes(image.getvalue())  # one image: no val carved
+    metrics = run("--data", "folder", "--data-root", str(tmp_path), "--model", "tiny", *FAST,
+                  "--out", str(tmp_path / "run"))
+    assert "no val images: the test set is evaluated with the last epoch" in capsys.readouterr().out
+    assert metrics["best_epoch"] == 1 and metrics["fusion_val_correlation"] is None
+
+
+def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys):
+    final = run(*FAST, "--method", "final", "--out", str(tmp_path / "final"))
+    train.main([*FAST, "--analyze", "--out", str(tmp_path / "analysis")])
+    printed = capsys.readouterr().out
+    layers = json.loads((tmp_path / "analysis" / "layers.json").read_text())
+    assert [layer["block"] for layer in layers] == [1, 2, 3, 4, 5, 6]
+    for layer in layers:
+        assert set(layer["ncm"]) == set(layer["probe"]) == set(train.HEAD_KEYS)
+    # the last block's class means are the final head at step 0
+    assert layers[-1]["ncm"] == final["heads"]["start"]
+    assert "best block per column" in printed and "penultimate block's frozen features serve the few" in printed
+    assert not (tmp_path / "analysis" / "checkpoint.pt").exists()
+
+
+def test_analysis_table_marks_the_best_block_per_column(capsys):
+    metrics = lambda balanced, few: {**dict.fromkeys(train.HEAD_KEYS, 0.5), "balanced_acc": balanced, "few": few}
+    layers = [{"block": 1, "ncm": metrics(0.3, 0.1), "probe": metrics(0.4, 0.2)},
+              {"block": 2, "ncm": metrics(0.6, 0.5), "probe": metrics(0.7, 0.6)},
+              {"block": 3, "ncm": metrics(0.7, 0.4), "probe": metrics(0.65, 0.3)}]
+    train.print_layers(layers)
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()}
+    # columns: ncm balanced many medium few, probe balanced many medium few
+    assert rows["3"][0] == "70.0*" and rows["2"][0] == "60.0" and rows["2"][3] == "50.0*"
+    assert rows["2"][4] == "70.0*" and rows["2"][7] == "60.0*" and rows["3"][7] == "30.0"
+    assert rows["1"][1] == "50.0*"  # ties are all marked
