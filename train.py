@@ -205,6 +205,28 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
     return time.time() - started
 
 
+def train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path):
+    """From state["epoch"] to args.epochs: train, keep the epoch that does best on val (the last one if there
+    is no val image), save a checkpoint after each epoch."""
+    if len(data.val) == 0:
+        log("no val images: the test set is evaluated with the last epoch")
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
+    train_loader = loader(data.train, args, device, train=True)
+    for epoch in range(state["epoch"], args.epochs):
+        state["train_seconds"] += train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log)
+        state["epoch"] = epoch + 1
+        score = 0.0
+        if len(data.val):
+            val = predict(model, val_loader, device)
+            score = head_metrics(val["logits"], val["labels"], data.class_counts)["balanced_acc"]
+            log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% (best {100 * max(score, state['best_val']):.1f}%)")
+        if score > state["best_val"] or not len(data.val):
+            state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_atomically({"state": state, "model": trainable_state(model), "classes": data.classes,
+                             "optimizer": optimizer.state_dict(), "args": vars(args)}, checkpoint_path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and the report.
 
@@ -441,26 +463,7 @@ def run(args):
             write_splits(out / "splits.csv", data)
 
     if not args.eval_only:
-        if len(data.val) == 0:
-            log("no val images: the test set is evaluated with the last epoch")
-        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-        train_loader = loader(data.train, args, device, train=True)
-        for epoch in range(state["epoch"], args.epochs):
-            state["train_seconds"] += train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log)
-            state["epoch"] = epoch + 1
-            if len(data.val):  # keep the epoch that does best on val
-                val = predict(model, val_loader, device)
-                score = head_metrics(val["logits"], val["labels"], data.class_counts)["balanced_acc"]
-                if score > state["best_val"]:
-                    state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))
-                log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% (best {100 * state['best_val']:.1f}%"
-                    f" at epoch {state['best_epoch']})")
-            else:
-                state.update(best_epoch=epoch + 1, best=trainable_state(model))
-            if rank == 0:
-                save_atomically({"state": state, "model": trainable_state(model), "classes": data.classes,
-                                 "optimizer": optimizer.state_dict(), "args": vars(args)}, checkpoint_path)
-
+        train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path)
     if state["best"] is not None:
         model.load_state_dict(state["best"], strict=False)
     test, val = predict(model, test_loader, device), predict(model, val_loader, device)
@@ -472,8 +475,6 @@ def run(args):
         print_report(metrics)
         save_atomically(metrics, out / "metrics.json", text=True)
         log(f"wrote {out / 'metrics.json'}, {checkpoint_path}, {out / 'splits.csv'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return out
 
 
@@ -484,6 +485,9 @@ def main(argv=None):
     except (Abort, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
