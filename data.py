@@ -1,18 +1,30 @@
-"""Data for SciLT: the embedded synthetic benchmark and the real long-tailed scientific image sets.
+"""Data for SciLT: the embedded synthetic benchmark, the long-tailed scientific image sets and the
+natural-image long-tail benchmarks.
 
-    load_data(name, root) -> Data(train, val, test, train_eval, classes, class_counts, splits)
+    load_data(name, root) -> Data(train, val, test, train_eval, classes, class_counts, group_counts, splits)
 
 Each set yields (image tensor (3, H, W), label). Where a source is not long-tailed by itself (ISIC 2019,
 PBC blood cells) we follow ISIC-2019-LT (Ju et al. 2022): hold out a balanced test set (100 per class)
 and val set (50 per class), then keep n_k = n_max * r^(-k / (K - 1)) training images of the k-th most
 frequent class (n_max = min(5000, largest class), r the imbalance ratio). Splits are deterministic for a
 seed; write_splits() / read_splits() store them so that a later run evaluates exactly the same images.
-Every problem with the user's data raises DataError with one line naming the path and what was expected.
+A set that is missing from its root is downloaded there (fetch()), as torchvision does. Every problem
+with the user's data raises DataError with one line naming the path and what was expected.
 """
 import csv
+import functools
+import hashlib
 import os
+import pickle
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -20,14 +32,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
-DOWNLOAD = {
+WHERE = {  # where each set comes from, for the messages that ask a user to fetch it by hand
     "isic": "ISIC 2019 training data from https://challenge.isic-archive.com/data/#2019",
     "nih": "NIH ChestX-ray14 images from https://nihcc.app.box.com/v/ChestXray-NIHCC and the "
            "NIH-CXR-LT label CSVs linked from https://github.com/VITA-Group/LongTailCXR",
-    "blood": "PBC images from https://data.mendeley.com/datasets/snkd93bnjr/1 or bloodmnist.npz from "
-             "https://zenodo.org/records/10519652",
+    "blood": "bloodmnist_224.npz from https://zenodo.org/records/10519652, or the PBC images from "
+             "https://data.mendeley.com/datasets/snkd93bnjr/1 (one folder per cell type)",
     "npz": "MedMNIST .npz files from https://zenodo.org/records/10519652",
     "folder": "your own images laid out as train/<class>/*, test/<class>/* and optionally val/<class>/*",
+    "cifar100-lt": "cifar-100-python/ from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "imagenet-lt": "ImageNet 2012 (login at https://image-net.org) as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG",
+    "places-lt": "Places365-Standard 256 px (http://places2.csail.mit.edu/download.html) as data_256/ and val_256/",
+    "inat2018": "iNaturalist 2018 (https://github.com/visipedia/inat_comp/tree/master/2018) as train_val2018/",
 }
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # UNK (no training images) dropped
 BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
@@ -48,6 +64,7 @@ class Source(NamedTuple):
     images: object         # a folder (items are paths relative to it) or an array (items are row numbers)
     splits: dict           # split -> (items, labels)
     vertical_flip: bool    # whether up and down carry no meaning (microscopy, dermoscopy), for augmentation
+    group_counts: Optional[list] = None  # the counts that define many / medium / few, if not the training counts
 
 
 class Data(NamedTuple):
@@ -57,6 +74,7 @@ class Data(NamedTuple):
     train_eval: Dataset    # the training images as the model is evaluated on them: class means, probes
     classes: list          # class names, in label order
     class_counts: list     # training images per class
+    group_counts: list     # what many / medium / few are defined by: the training counts, except in CIFAR-100-LT
     splits: dict           # split -> (items, labels): what write_splits() stores
 
 
@@ -198,6 +216,186 @@ def read_splits(path, classes):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Downloads. A set missing from its root is fetched there: each file resumes where a cut left it (HTTP
+# Range), gets its final name only once complete and checked, and an archive is unpacked in place; the
+# set counts as complete only when ROOT/.complete exists. SCILT_MIRROR=BASE_URL replaces each address's
+# scheme and host by a mirror's and keeps its path.
+
+class Remote(NamedTuple):
+    url: str
+    md5: Optional[str] = None    # the published checksum, where there is one
+    size: float = 0.0            # bytes, roughly: for the line that says what will be fetched
+    count: Optional[int] = None  # images in an archive, or lines in a list: checked where no md5 is published
+    name: Optional[str] = None   # the file's name, if not the last part of the address
+
+    @property
+    def filename(self):
+        return self.name or urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1]
+
+
+ISIC_URL = "https://isic-challenge-data.s3.amazonaws.com/2019/"
+NIH_KEYS = ["vfk49d74nhbxq3nqjg0900w5nvkorp5c", "i28rlmbvmfjbl8p2n3ril0pptcmcu9d1", "f1t00wrtdk94satdfb9olcolqx20z2jp",
+            "0aowwzs5lhjrceb3qp67ahp0rd1l1etg", "v5e3goj22zr6h8tzualxfsqlqaygfbsn", "asi7ikud9jwnkrnkj99jnpfkjdes7l6l",
+            "jn1b4mw4n6lnh74ovmcjb8y48h8xj07n", "tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j", "upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj",
+            "l6nilvfa9cg3s28tqv1qc1olm3gnz54p", "hhq8fkdgvcari67vfhs7ppg2w6ni4jze", "ioqwiy20ihqwyr8pf4c24eazhh281pbu"]
+NIH_IMAGES = [4999] + [10000] * 10 + [7121]  # PNGs in images_001 .. images_012.tar.gz: 112,120 in all
+LISTS_URL = "https://raw.githubusercontent.com/shijxcs/LIFT/main/datasets/"  # the split lists LIFT ships
+PLACES_URL = "http://data.csail.mit.edu/places/places365/"
+LISTS = {  # set -> (folder in LISTS_URL, split -> (file, lines)); iNaturalist 2018 tests on its val list
+    "imagenet-lt": ("ImageNet_LT", {"train": ("ImageNet_LT_train.txt", 115846), "val": ("ImageNet_LT_val.txt", 20000),
+                                    "test": ("ImageNet_LT_test.txt", 50000)}),
+    "places-lt": ("Places_LT", {"train": ("Places_LT_train.txt", 62500), "val": ("Places_LT_val.txt", 7300),
+                                "test": ("Places_LT_test.txt", 36500)}),
+    "inat2018": ("iNaturalist18", {"train": ("iNaturalist18_train.txt", 437513),
+                                   "test": ("iNaturalist18_val.txt", 24426)}),
+}
+REMOTE = {
+    "isic": [Remote(ISIC_URL + "ISIC_2019_Training_Input.zip", size=9.1e9, count=25331),
+             Remote(ISIC_URL + "ISIC_2019_Training_GroundTruth.csv", size=1.2e6, count=25332)],
+    "blood": [Remote("https://zenodo.org/records/10519652/files/bloodmnist_224.npz?download=1",
+                     "b718ff6835fcbdb22ba9eacccd7b2601", size=1.1e9)],
+    "nih": [Remote(f"https://nihcc.box.com/shared/static/{key}.gz", size=3.8e9, count=n, name=f"images_{i:03d}.tar.gz")
+            for i, (key, n) in enumerate(zip(NIH_KEYS, NIH_IMAGES), start=1)],  # md5s: see README
+    "cifar100-lt": [Remote("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                           "eb9058c3a382ffc7106e4002c42a8d85", size=1.69e8)],
+    **{name: [Remote(LISTS_URL + f"{folder}/{file}", size=lines * 60, count=lines) for file, lines in files.values()]
+       for name, (folder, files) in LISTS.items()},
+}
+REMOTE["places-lt"] += [Remote(PLACES_URL + "train_256_places365standard.tar", "53ca1c756c3d1e7809517cc47c5561c5", 2.6e10),
+                        Remote(PLACES_URL + "val_256.tar", "e27b17d8d44f4af9a78502beb927f808", 5.0e8)]
+REMOTE["inat2018"] += [Remote("https://ml-inat-competition-datasets.s3.amazonaws.com/2018/train_val2018.tar.gz",
+                              "b1c6952ce38f31868cc50ea72d066cc3", 1.3e11)]
+DEFAULT_ROOTS = {"isic": "data/isic2019", "nih": "data/nih-cxr-lt", "blood": "data/bloodmnist",
+                 "cifar100-lt": "data/cifar100", "imagenet-lt": "data/imagenet-lt", "places-lt": "data/places-lt",
+                 "inat2018": "data/inat2018"}
+TIMEOUT = 30  # seconds a connection may stay silent before the download is given up
+
+
+def mirrored(url):
+    mirror = os.environ.get("SCILT_MIRROR")
+    if not mirror:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return mirror.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def show_progress(name, done, total, started, resumed_at, end=False):
+    rate = (done - resumed_at) / max(time.time() - started, 1e-6)
+    left = (total - done) / rate if total and rate > 0 else 0
+    of = f"{100 * done / total:3.0f}% of {total / 1e6:,.1f} MB" if total else f"{done / 1e6:,.1f} MB"
+    print(f"\r  {name}: {of}, {rate / 1e6:.1f} MB/s, {int(left // 60)}m{int(left % 60):02d}s left   ",
+          end="\n" if end else "", file=sys.stderr, flush=True)
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch(remote, folder):
+    """Download `remote` into `folder` (resuming FILE.part), check it, and only then name it FILE."""
+    path, url = folder / remote.filename, mirrored(remote.url)
+    if path.exists():  # only a complete, checked file carries its final name
+        return path
+    part = path.with_name(path.name + ".part")
+    by_hand = f"fetch it by hand into {folder}/{remote.filename}, or set SCILT_MIRROR to a mirror's base URL"
+    done = part.stat().st_size if part.exists() else 0
+    try:
+        request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            if response.status != 206:  # the whole file: start over
+                done = 0
+            total = done + int(response.headers.get("Content-Length") or 0) or None
+            started, resumed_at, shown = time.time(), done, 0.0
+            with open(part, "ab" if done else "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if time.time() - shown > 0.5:
+                        show_progress(remote.filename, done, total, started, resumed_at)
+                        shown = time.time()
+            show_progress(remote.filename, done, total, started, resumed_at, end=True)
+    except urllib.error.HTTPError as error:
+        if error.code != 416:  # 416: nothing left to send, the partial file is whole
+            raise DataError(f"cannot download {url} (HTTP {error.code} {error.reason}): {by_hand}") from None
+        total = done
+    except (urllib.error.URLError, OSError) as error:  # no network, refused, timed out, cut off
+        kept = f"; what arrived is kept in {part} and resumes when run again" if part.exists() else ""
+        raise DataError(f"cannot download {url} ({getattr(error, 'reason', None) or error}): {by_hand}{kept}") from None
+    if total and done != total:
+        raise DataError(f"the download of {url} stopped at {done:,} of {total:,} bytes: run again to resume "
+                        f"it from {part}")
+    if remote.md5 and md5sum(part) != remote.md5:
+        part.unlink()
+        raise DataError(f"{remote.filename} from {url} does not match its published md5 {remote.md5}: deleted "
+                        f"it; run again to download it anew, or {by_hand}")
+    os.replace(part, path)
+    return path
+
+
+def unpack(path, root, remote):
+    """Unpack an archive into root (a zip's members checked against their CRCs first), count what it held
+    against remote.count, delete it. A list file is counted in lines."""
+    try:
+        if path.suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                if (bad := archive.testzip()) is not None:
+                    raise OSError(f"member {bad} fails its CRC check")
+                archive.extractall(root)
+                names = archive.namelist()
+        elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
+            with tarfile.open(path) as archive:
+                archive.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                names = archive.getnames()
+        else:  # a CSV, an .npz, a list
+            names = None
+    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as error:
+        path.unlink()
+        raise DataError(f"{path} is damaged ({error}): deleted it; run again to download it anew") from None
+    if names is None:
+        found = sum(1 for line in open(path, "rb") if line.strip()) if remote.count else None
+    else:
+        found = sum(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in names)
+        path.unlink()  # the images are out: the archive would only double the space taken
+    if remote.count and found != remote.count:
+        raise DataError(f"{path.name} from {mirrored(remote.url)} holds {found} {'images' if names else 'lines'}, "
+                        f"expected {remote.count}: it is not the published file (delete it from {root} and run again)")
+
+
+def ensure_downloaded(name, root, allowed=True):
+    """Fetch set `name` into root unless it is complete there (ROOT/.complete) or laid out by hand (root
+    holds files and no download was begun there)."""
+    complete, begun = root / ".complete", root / ".downloading"
+    if complete.exists():
+        return
+    by_hand = not begun.exists() and root.exists() and (root.is_file() or any(  # label files may come first
+        not p.name.startswith(".") and p.suffix not in (".csv", ".txt") for p in root.iterdir()))
+    todo = [r for r in REMOTE.get(name, []) if not (root / f".{r.filename}.done").exists()]
+    if by_hand:  # the user's own copy: only the split lists it lacks are fetched
+        todo = [r for r in todo if r.filename.endswith(".txt") and not (root / r.filename).exists()]
+    if not todo:
+        return
+    if not allowed:
+        raise DataError(f"{root} does not hold the {name} data and --no-download forbids fetching it: expected "
+                        f"{WHERE[name]} (or drop --no-download to fetch {', '.join(r.filename for r in todo)})")
+    hosts = sorted({urllib.parse.urlsplit(mirrored(r.url)).netloc for r in todo})
+    print(f"downloading {name} into {root}: {len(todo)} file(s), about {sum(r.size for r in todo) / 1e9:.1f} GB "
+          f"from {', '.join(hosts)} ({', '.join(r.filename for r in todo[:3])}{', ...' if len(todo) > 3 else ''})",
+          file=sys.stderr, flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    if not by_hand:
+        begun.touch()
+    for remote in todo:
+        unpack(fetch(remote, root), root, remote)
+        (root / f".{remote.filename}.done").touch()
+    if not by_hand:
+        os.replace(begun, complete)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Sources: each returns a Source.
 
 def read_csv(path, required):
@@ -248,7 +446,12 @@ def isic(root, seed, imbalance_ratio):
 def nih(root, seed, imbalance_ratio):
     splits, classes = {}, None
     for split, name in (("train", "train"), ("val", "balanced-val"), ("test", "balanced-test")):
-        path = root / f"nih-lt_single-label_{name}.csv"
+        names = [f"nih-cxr-lt_single-label_{name}.csv", f"nih-lt_single-label_{name}.csv"]  # as published; older
+        path = next((root / n for n in names if (root / n).is_file()), None)
+        if path is None:
+            raise DataError(f"missing {root / names[0]}: the NIH-CXR-LT labels sit in a NIH Box folder with no "
+                            "direct address; download nih-cxr-lt_single-label_{train,balanced-val,balanced-test}.csv "
+                            f"from the folder linked at https://github.com/VITA-Group/LongTailCXR into {root}")
         rows = read_csv(path, ["id"] + (classes or []))
         if classes is None:  # every column but the id (and a subject id, if present) is a class
             with open(path, newline="") as f:
@@ -345,6 +548,77 @@ def image_folders(root, seed, imbalance_ratio):
     return Source(classes, root, splits, vertical_flip=False)
 
 
+def lift_counts(imbalance_ratio, num_classes=100, n_max=500):
+    """n_k = int(n_max (1/r)^(k / (K - 1))), as LDAM-DRW and LIFT compute them: 10,847 images at r = 100."""
+    return [int(n_max * (1 / imbalance_ratio) ** (k / (num_classes - 1.0))) for k in range(num_classes)]
+
+
+def cifar100_lt(root, seed, imbalance_ratio):
+    """CIFAR-100-LT by LIFT's protocol: class k keeps the first lift_counts(r)[k] of its training images
+    after one shuffle per class, classes in order, from one generator seeded 0 (np.random.seed(0) in LIFT),
+    so that every run sees the subset the papers used; the balanced 10,000-image test set; no val set (the
+    last epoch is tested, as in LIFT). many / medium / few are defined by the counts at r = 100."""
+    folder = root / "cifar-100-python"
+
+    def load(name):
+        try:
+            with open(folder / name, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        except (OSError, EOFError, pickle.UnpicklingError) as error:
+            raise DataError(f"cannot read {folder / name} ({error}): expected CIFAR-100's python version, "
+                            f"{WHERE['cifar100-lt']}") from None
+
+    train, test, meta = load("train"), load("test"), load("meta")
+    labels = np.asarray(train["fine_labels"])
+    rng, keep = np.random.RandomState(0), []
+    for k, n in enumerate(lift_counts(imbalance_ratio, len(meta["fine_label_names"]))):
+        indices = np.flatnonzero(labels == k)
+        rng.shuffle(indices)
+        keep += indices[:n].tolist()
+    images = np.concatenate([train["data"], test["data"]]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    test_rows = range(len(labels), len(images))
+    splits = {"train": ([str(i) for i in keep], labels[keep].tolist()), "val": ([], []),
+              "test": ([str(i) for i in test_rows], list(test["fine_labels"]))}
+    return Source(meta["fine_label_names"], images, splits, vertical_flip=False,
+                  group_counts=lift_counts(100, len(meta["fine_label_names"])))
+
+
+def places_path(item):
+    """Places-LT's lists say train/<class>/<file> and val/<class>/<file>; the Places365 256 px archives
+    unpack to data_256/<initial>/<class>/<file> and val_256/<file>."""
+    split, rest = item.split("/", 1)
+    return f"data_256/{rest[0]}/{rest}" if split == "train" else f"val_256/{rest.rsplit('/', 1)[-1]}"
+
+
+def split_lists(root, seed, imbalance_ratio, name):
+    """ImageNet-LT, Places-LT, iNaturalist 2018: the published lists, '<path under root> <label>' a line.
+    A class is named by the folder of its first training image."""
+    folder, files = LISTS[name]
+    splits = {"val": ([], [])}
+    for split, (file, _) in files.items():
+        path, items, labels = root / file, [], []
+        if not path.is_file():
+            raise DataError(f"missing split list {path}: expected {file} from {LISTS_URL}{folder}/")
+        for number, line in enumerate(open(path), start=1):
+            if not (parts := line.split()):
+                continue
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise DataError(f"{path} line {number}: expected '<relative path> <label>', got {line.strip()[:80]!r}")
+            items.append(parts[0])
+            labels.append(int(parts[1]))
+        splits[split] = (items, labels)
+    names = {}
+    for item, label in zip(*splits["train"]):
+        names.setdefault(label, item.split("/", 1)[-1].rsplit("/", 1)[0])
+    classes = [names.get(k, str(k)) for k in range(1 + max(max(labels) for _, labels in splits.values() if labels))]
+    if name == "places-lt" and not (root / "train").is_dir():
+        splits = {s: ([places_path(item) for item in items], labels) for s, (items, labels) in splits.items()}
+    missing = [item for items, _ in splits.values() for item in items[:1] + items[-1:] if not (root / item).is_file()]
+    if missing:  # the first and last image of each list: a wrong layout shows at once, not mid-epoch
+        raise DataError(f"image {root / missing[0]} of the {name} lists is missing: expected {WHERE[name]} in {root}")
+    return Source(classes, root, splits, vertical_flip=False)
+
+
 def synthetic(root, seed, imbalance_ratio):
     return Source(*make_synthetic(seed, imbalance_ratio), vertical_flip=True)
 
@@ -415,25 +689,30 @@ def make_synthetic(seed=0, imbalance_ratio=100):
 
 
 SOURCES = {"synthetic": synthetic, "isic": isic, "nih": nih, "blood": blood, "npz": medmnist,
-           "folder": image_folders}
-OWN_SPLITS = {"nih", "npz", "folder"}  # kept as published: no long-tailed subsampling, no imbalance ratio
+           "folder": image_folders, "cifar100-lt": cifar100_lt,
+           **{name: functools.partial(split_lists, name=name) for name in LISTS}}
+OWN_SPLITS = {"nih", "npz", "folder", *LISTS}  # kept as published: no long-tailed subsampling, no imbalance ratio
 
 
 def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=None, seed=0,
-              mean=(0.5,) * 3, std=(0.5,) * 3, splits=None):
-    """The train, val and test sets of data set `name`. `augment`: none, light or strong (default: by
-    img_size, see default_augment). `imbalance_ratio`: r of the long-tailed protocol (default 100), for
-    the sets it applies to. `splits`, a CSV from write_splits(), replaces the split this call would make,
-    so that a resumed or repeated evaluation sees exactly the same images."""
+              mean=(0.5,) * 3, std=(0.5,) * 3, splits=None, download=True):
+    """The train, val and test sets of data set `name`, from `root` (default DEFAULT_ROOTS[name]), fetched
+    there first if missing and `download`. `augment`: none, light or strong (default: by img_size, see
+    default_augment). `imbalance_ratio`: r of the long-tailed protocol (default 100), for the sets it
+    applies to. `splits`, a CSV from write_splits(), replaces the split this call would make, so that a
+    resumed or repeated evaluation sees exactly the same images."""
     if name not in SOURCES:
         raise DataError(f"unknown data set {name!r}: expected one of {', '.join(SOURCES)}")
     if name in OWN_SPLITS and imbalance_ratio is not None:
         raise DataError(f"--imbalance-ratio does not apply to --data {name}, which keeps its own splits: "
                         f"expected it only with {', '.join(sorted(set(SOURCES) - OWN_SPLITS))}")
     if name != "synthetic":
-        if root is None or not Path(root).exists():
-            raise DataError(f"--data-root {root} does not exist: expected {DOWNLOAD[name]}")
-        root = Path(root)
+        if root is None and name not in DEFAULT_ROOTS:
+            raise DataError(f"--data {name} needs --data-root: expected {WHERE[name]}")
+        root = Path(root or DEFAULT_ROOTS[name])
+        ensure_downloaded(name, root, download)
+        if not root.exists():
+            raise DataError(f"--data-root {root} does not exist: expected {WHERE[name]}")
     source = SOURCES[name](root, seed, 100 if imbalance_ratio is None else imbalance_ratio)
     splits = read_splits(splits, source.classes) if splits else source.splits
     counts = np.bincount(splits["train"][1], minlength=len(source.classes)).tolist()
@@ -445,4 +724,4 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
     image_set = lambda split, policy: ImageSet(source.images, *splits[split], transform(policy),
                                                draft_size=round(img_size / 0.875))
     return Data(image_set("train", augment), image_set("val", "none"), image_set("test", "none"),
-                image_set("train", "none"), source.classes, counts, splits)
+                image_set("train", "none"), source.classes, counts, source.group_counts or counts, splits)

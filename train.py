@@ -35,10 +35,13 @@ from data import AUGMENTS, DataError, Loader, load_data, write_splits
 TINY = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
             weight_init="jax")
 TINY_WEIGHTS = Path(__file__).resolve().parent / "tiny_vit.safetensors"
-DEFAULT_MODEL = {"synthetic": "tiny", "real": "vit_base_patch16_224.augreg_in21k"}
+DEFAULT_MODEL = {"synthetic": "tiny", "real": "vit_base_patch16_224.augreg_in21k",
+                 "natural": "vit_base_patch16_clip_224.openai"}  # CLIP ViT-B/16, as LIFT's numbers use
+NATURAL = ("cifar100-lt", "imagenet-lt", "places-lt", "inat2018")  # the natural-image long-tail benchmarks
 DEFAULTS = {  # what flags left out become, for the tiny ViT on a CPU and for a real ViT on a GPU
     "tiny": dict(epochs=20, batch_size=64, lr=3e-3, img_size=32),
     "vit": dict(epochs=20, batch_size=64, lr=1e-3, img_size=224),
+    "natural": dict(epochs=10, batch_size=128, lr=1e-3, img_size=224),  # LIFT: 10 epochs of batch 128
 }
 WARMUP_FRACTION, WEIGHT_DECAY = 0.05, 1e-2
 GATE_LR_SCALE = 30  # the gate's learning rate / the others': AdamW moves a parameter ~lr per step
@@ -55,8 +58,10 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = Parser(description="SciLT: long-tailed classification by PEFT of a ViT with penultimate-layer fusion.")
-    p.add_argument("--data", default="synthetic", choices=["synthetic", "isic", "nih", "blood", "npz", "folder"])
-    p.add_argument("--data-root", help="the data set's folder (or .npz file); see README.md for layouts")
+    p.add_argument("--data", default="synthetic", choices=["synthetic", "isic", "nih", "blood", "npz", "folder", *NATURAL])
+    p.add_argument("--data-root", help="the data set's folder (or .npz file); default data/<set>, where a missing "
+                                       "set is downloaded; see README.md for layouts")
+    p.add_argument("--no-download", action="store_true", help="never download: fail if the data are not there")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--lr", type=float, help="peak learning rate of AdamW (linear warm-up, cosine decay)")
@@ -79,8 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--analyze", action="store_true",
                    help="no training: how well each block's frozen features serve each class group (layers.json)")
     args = p.parse_args(argv)
-    args.model = args.model or DEFAULT_MODEL["synthetic" if args.data == "synthetic" else "real"]
-    for key, value in DEFAULTS["tiny" if args.model == "tiny" else "vit"].items():
+    kind = "synthetic" if args.data == "synthetic" else "natural" if args.data in NATURAL else "real"
+    args.model = args.model or DEFAULT_MODEL[kind]
+    defaults = DEFAULTS["tiny" if args.model == "tiny" else "natural" if kind == "natural" else "vit"]
+    for key, value in dict(defaults, **({"epochs": 20} if args.data == "inat2018" else {})).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.workers is None:
@@ -247,12 +254,13 @@ def fit_probe(train_h, train_labels, val_h, val_labels, counts):
     return max(probes, key=lambda probe: head_metrics(probe(val_h), val_labels, counts)["balanced_acc"])
 
 
-def start_metrics(train, val, test, counts):
+def start_metrics(train, val, test, counts, groups):
     """The model at step 0 (class-mean heads on the pretrained features, fused as the method fuses them)
-    and a linear probe on the pretrained final-layer features: the two bars training must clear."""
+    and a linear probe on the pretrained final-layer features: the two bars training must clear. `groups`:
+    the counts that define many / medium / few."""
     no_val = torch.zeros(0, dtype=torch.long)
     probe = fit_probe(train["h_fin"], train["labels"], val.get("h_fin"), val.get("labels", no_val), counts)
-    return {name: {k: v for k, v in head_metrics(scores, test["labels"], counts).items() if k in HEAD_KEYS}
+    return {name: {k: v for k, v in head_metrics(scores, test["labels"], groups).items() if k in HEAD_KEYS}
             for name, scores in (("start", test["logits"]), ("probe", probe(test["h_fin"])))}
 
 
@@ -278,13 +286,13 @@ def analyze(backbone, data, args, device, log):
     the test set. Returns one entry per block, as layers.json holds it."""
     sets = {name: block_features(backbone.to(device), loader(dataset, args, device), device)
             for name, dataset in (("train", data.train_eval), ("val", data.val), ("test", data.test))}
-    counts, layers = data.class_counts, []
+    counts, groups, layers = data.class_counts, data.group_counts, []
     for block in range(len(backbone.blocks)):
         h = {name: s["h"][:, block] for name, s in sets.items()}
         means = scilt.CosineClassifier(h["train"].shape[1], len(counts)).set_class_means(h["train"], sets["train"]["labels"])
         probe = fit_probe(h["train"], sets["train"]["labels"], h["val"], sets["val"]["labels"], counts)
         layers.append({"block": block + 1, **{name: {k: v for k, v in head_metrics(
-            scores, sets["test"]["labels"], counts).items() if k in HEAD_KEYS}
+            scores, sets["test"]["labels"], groups).items() if k in HEAD_KEYS}
             for name, scores in (("ncm", means(h["test"])), ("probe", probe(h["test"])))}})
         log(f"block {block + 1}/{len(backbone.blocks)}: class means {100 * layers[-1]['ncm']['balanced_acc']:.1f}%, "
             f"probe {100 * layers[-1]['probe']['balanced_acc']:.1f}% balanced accuracy")
@@ -313,9 +321,10 @@ def print_layers(layers):
 
 
 
-def report(model, test, val, train, classes, counts, before):
-    """metrics.json: fused-prediction metrics, each head's, what each level does per class, the check."""
-    heads = {name: head_metrics(test[key], test["labels"], counts, classes)
+def report(model, test, val, train, classes, counts, groups, before):
+    """metrics.json: fused-prediction metrics, each head's, what each level does per class, the check.
+    `groups`: the counts that define many / medium / few."""
+    heads = {name: head_metrics(test[key], test["labels"], groups, classes)
              for name, key in (("fused", "logits"), ("final", "s2"), ("penultimate", "s1")) if key in test}
     a = model.fusion_weights().detach().cpu()
     correlation = None
@@ -419,7 +428,7 @@ def run(args):
     # the data first, normalised as the backbone was pretrained, so that a bad --data-root fails at once
     config = timm.models.get_pretrained_cfg(TINY["name"] if args.model == "tiny" else args.model)
     data = load_data(args.data, args.data_root, img_size=args.img_size, augment=args.augment,
-                     imbalance_ratio=args.imbalance_ratio, seed=args.seed,
+                     imbalance_ratio=args.imbalance_ratio, seed=args.seed, download=not args.no_download,
                      mean=getattr(config, "mean", (0.5,) * 3), std=getattr(config, "std", (0.5,) * 3),
                      splits=out / "splits.csv" if continuing else None)
     if args.analyze:
@@ -454,7 +463,7 @@ def run(args):
         train = predict(model, train_eval_loader, device)
         model.init_heads(train["h_pen"].to(device), train["h_fin"].to(device), train["labels"].to(device))
         before = start_metrics(train, predict(model, val_loader, device), predict(model, test_loader, device),
-                               data.class_counts)
+                               data.class_counts, data.group_counts)
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, train_seconds=0.0, best=None, before=before)
         log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}%, linear probe on "
             f"frozen features {100 * before['probe']['balanced_acc']:.1f}% balanced accuracy")
@@ -469,7 +478,7 @@ def run(args):
     test, val = predict(model, test_loader, device), predict(model, val_loader, device)
     train = predict(model, train_eval_loader, device)
     if rank == 0:
-        metrics = report(model, test, val, train, data.classes, data.class_counts, state["before"])
+        metrics = report(model, test, val, train, data.classes, data.class_counts, data.group_counts, state["before"])
         metrics.update(trainable_params=trainable, total_params=total, train_seconds=round(state["train_seconds"], 1),
                        method=args.method, best_epoch=state["best_epoch"], epochs=state["epoch"], args=vars(args))
         print_report(metrics)
