@@ -378,6 +378,8 @@ def ensure_downloaded(name, root, allowed=True):
         todo = [r for r in todo if r.filename.endswith(".txt") and not (root / r.filename).exists()]
     if not todo:
         return
+    if not allowed and root.exists():  # what is there is checked by the source, which names what is missing
+        return
     if not allowed:
         raise DataError(f"{root} does not hold the {name} data and --no-download forbids fetching it: expected "
                         f"{WHERE[name]} (or drop --no-download to fetch {', '.join(r.filename for r in todo)})")

@@ -1,9 +1,11 @@
-"""Shared test helpers. Tests never touch the network: timm models are built with pretrained=False."""
+"""Shared test helpers. Tests never leave 127.0.0.1: timm models are built with pretrained=False, and data
+sets download only from the tests' own local server (test_download.py)."""
 import os
 import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the hub: a request for weights fails at once
+os.environ["SCILT_MIRROR"] = "http://127.0.0.1:9"  # nor a data set's host: downloads go to a closed local port
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest  # noqa: E402

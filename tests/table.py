@@ -86,6 +86,7 @@ def main():
     p.add_argument("--methods", nargs="+", default=["final", "penultimate", "scilt"])
     p.add_argument("--tag", default="", help="a sub-folder name for runs with extra train.py flags")
     args, flags = p.parse_known_args()
+    flags = [f for f in flags if f != "--"]
     sets = make_sets()
     for name in args.sets:
         runs = {}

@@ -111,7 +111,7 @@ def test_nih_bad_csvs(nih_root):
     with pytest.raises(DataError, match="line 2: expected exactly one 1"):
         load_data("nih", nih_root)
     path.unlink()
-    with pytest.raises(DataError, match="missing CSV .*balanced-test.csv"):
+    with pytest.raises(DataError, match="missing .*nih-cxr-lt_single-label_balanced-test.csv: the NIH-CXR-LT labels"):
         load_data("nih", nih_root)
 
 
@@ -189,10 +189,14 @@ def test_folder_with_and_without_val(tmp_path):
 def test_bad_roots_and_names(tmp_path):
     with pytest.raises(DataError, match="unknown data set 'imagenet': expected one of synthetic, isic"):
         load_data("imagenet")
-    with pytest.raises(DataError, match="--data-root .*nowhere does not exist: expected ISIC 2019 .* https://"):
-        load_data("isic", tmp_path / "nowhere")
-    with pytest.raises(DataError, match="--data-root None does not exist"):
-        load_data("nih")
+    with pytest.raises(DataError, match="nowhere does not hold the isic data and --no-download forbids fetching it: "
+                                        "expected ISIC 2019 .* https://"):
+        load_data("isic", tmp_path / "nowhere", download=False)
+    with pytest.raises(DataError, match="--data-root .*nowhere does not exist: expected MedMNIST"):
+        load_data("npz", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="--data folder needs --data-root: expected your own images"):
+        load_data("folder")
+    (tmp_path / "ISIC_2019_Training_Input").mkdir()  # laid out by hand, but for the CSV
     with pytest.raises(DataError, match="missing CSV .*ISIC_2019_Training_GroundTruth.csv"):
         load_data("isic", tmp_path)
     (tmp_path / "train" / "cats").mkdir(parents=True)
@@ -203,11 +207,11 @@ def test_bad_roots_and_names(tmp_path):
 def test_isic_bad_csv_and_missing_images(tmp_path):
     write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image", "MEL", "NV"], [])
     with pytest.raises(DataError, match="lacks the column\\(s\\) BCC, AK, BKL, DF, VASC, SCC, UNK"):
-        load_data("isic", tmp_path)
+        load_data("isic", tmp_path, download=False)  # with downloads, a CSV alone would start one
     write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image"] + data.ISIC_CLASSES + ["UNK"],
               [["ISIC_1"] + ["1.0"] + ["0.0"] * 8])
     with pytest.raises(DataError, match="missing image folder"):
-        load_data("isic", tmp_path)
+        load_data("isic", tmp_path, download=False)
     (tmp_path / "ISIC_2019_Training_Input").mkdir()
     with pytest.raises(DataError, match="1 image\\(s\\) listed for ISIC 2019 are not in .* e.g. ISIC_1.jpg"):
         load_data("isic", tmp_path)

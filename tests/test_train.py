@@ -97,7 +97,9 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
-    assert "does not exist: expected ISIC 2019" in fails(capsys, "--data", "isic", "--data-root", str(tmp_path / "x"))
+    assert "does not hold the isic data and --no-download forbids" in fails(
+        capsys, "--data", "isic", "--data-root", str(tmp_path / "x"), "--no-download")
+    assert "does not exist: expected MedMNIST" in fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "x"))
     assert "invalid choice: 'imagenet'" in fails(capsys, "--data", "imagenet")
     assert "unknown model 'vit_nope'" in fails(capsys, *FAST, "--model", "vit_nope", "--out", str(tmp_path / "m"))
     assert "--epochs must be positive" in fails(capsys, "--epochs", "0")
@@ -172,7 +174,7 @@ def test_unreadable_image_in_a_loader_worker_is_one_line(tmp_path, capsys):
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--data", "nih", "--data-root", str(tmp_path / "no")],
+    result = subprocess.run([sys.executable, "train.py", "--data", "npz", "--data-root", str(tmp_path / "no")],
                             cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: --data-root") and len(result.stderr.strip().splitlines()) == 1
