@@ -253,7 +253,7 @@ REMOTE = {
     "isic": [Remote(ISIC_URL + "ISIC_2019_Training_Input.zip", size=9.1e9, count=25331),
              Remote(ISIC_URL + "ISIC_2019_Training_GroundTruth.csv", size=1.2e6, count=25332)],
     "blood": [Remote("https://zenodo.org/records/10519652/files/bloodmnist_224.npz?download=1",
-                     "b718ff6835fcbdb22ba9eacccd7b2601", size=1.1e9)],
+                     "b718ff6835fcbdb22ba9eacccd7b2601", size=2e9)],
     "nih": [Remote(f"https://nihcc.box.com/shared/static/{key}.gz", size=3.8e9, count=n, name=f"images_{i:03d}.tar.gz")
             for i, (key, n) in enumerate(zip(NIH_KEYS, NIH_IMAGES), start=1)],  # md5s: see README
     "cifar100-lt": [Remote("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -264,7 +264,7 @@ REMOTE = {
 REMOTE["places-lt"] += [Remote(PLACES_URL + "train_256_places365standard.tar", "53ca1c756c3d1e7809517cc47c5561c5", 2.6e10),
                         Remote(PLACES_URL + "val_256.tar", "e27b17d8d44f4af9a78502beb927f808", 5.0e8)]
 REMOTE["inat2018"] += [Remote("https://ml-inat-competition-datasets.s3.amazonaws.com/2018/train_val2018.tar.gz",
-                              "b1c6952ce38f31868cc50ea72d066cc3", 1.3e11)]
+                              "b1c6952ce38f31868cc50ea72d066cc3", 1.2e11)]
 DEFAULT_ROOTS = {"isic": "data/isic2019", "nih": "data/nih-cxr-lt", "blood": "data/bloodmnist",
                  "cifar100-lt": "data/cifar100", "imagenet-lt": "data/imagenet-lt", "places-lt": "data/places-lt",
                  "inat2018": "data/inat2018"}
@@ -359,10 +359,11 @@ def unpack(path, root, remote):
         found = sum(1 for line in open(path, "rb") if line.strip()) if remote.count else None
     else:
         found = sum(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in names)
-        path.unlink()  # the images are out: the archive would only double the space taken
+    if names is not None or (remote.count and found != remote.count):
+        path.unlink()  # unpacked (the archive would only double the space taken), or not the published file
     if remote.count and found != remote.count:
         raise DataError(f"{path.name} from {mirrored(remote.url)} holds {found} {'images' if names else 'lines'}, "
-                        f"expected {remote.count}: it is not the published file (delete it from {root} and run again)")
+                        f"expected {remote.count}: not the published file; deleted it, run again to download it anew")
 
 
 def ensure_downloaded(name, root, allowed=True):

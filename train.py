@@ -1,9 +1,10 @@
 """Train and evaluate SciLT on a long-tailed scientific image data set.
 
-    python train.py                                             # embedded default: synthetic cells, tiny ViT
-    python train.py --data isic --data-root ~/data/isic2019 --epochs 20
-    python train.py --data isic --data-root DIR --weights vit_b16_in21k.safetensors   # offline
-    torchrun --nproc_per_node=4 train.py --data nih --data-root ~/data/nih-cxr-lt
+    python train.py                                      # embedded default: synthetic cells, tiny ViT
+    python train.py --data isic --epochs 20              # fetches ISIC 2019 into data/isic2019 if missing
+    python train.py --data isic --weights vit_b16_in21k.safetensors       # backbone weights from a file
+    python train.py --data folder --data-root DIR        # your own images: DIR/train/<class>/*, DIR/test/...
+    torchrun --nproc_per_node=4 train.py --data nih
     python train.py --out runs/x --resume          # continue run x;  --eval-only: re-evaluate its checkpoint
 
 Writes to --out: metrics.json (the report), checkpoint.pt (LoRA, heads, gate, optimizer and arguments:
@@ -427,10 +428,14 @@ def run(args):
 
     # the data first, normalised as the backbone was pretrained, so that a bad --data-root fails at once
     config = timm.models.get_pretrained_cfg(TINY["name"] if args.model == "tiny" else args.model)
+    if rank > 0:  # under torchrun the first process fetches a missing data set while the others wait
+        dist.barrier()
     data = load_data(args.data, args.data_root, img_size=args.img_size, augment=args.augment,
                      imbalance_ratio=args.imbalance_ratio, seed=args.seed, download=not args.no_download,
                      mean=getattr(config, "mean", (0.5,) * 3), std=getattr(config, "std", (0.5,) * 3),
                      splits=out / "splits.csv" if continuing else None)
+    if rank == 0 and world > 1:
+        dist.barrier()
     if args.analyze:
         layers = analyze(create_backbone(args), data, args, device, log)
         if rank == 0:
