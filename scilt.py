@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 METHODS = ("scilt", "final", "penultimate")
-FUSIONS = ("class", "fixed")  # a learned per-class gate (the default), or the plain average a = 1/2
+FUSIONS = ("class", "fixed", "sample")  # a learned per-class gate (the default), a = 1/2, or a per-sample gate
 COSINE_SCALE = 25.0           # s = scale * cos(W_k, h): logits in [-25, 25]
 
 
@@ -159,8 +159,9 @@ class SciLT(nn.Module):
     """A frozen timm ViT with LoRA, classifier1 on h_pen, classifier2 on h_fin, fused by a per-class gate.
 
     method: "scilt" (both heads, fused), "final" (final-layer head only: the standard PEFT long-tail
-    baseline) or "penultimate" (penultimate-layer head only). fusion: "class" (a_k = sigmoid(g_k), learned)
-    or "fixed" (a = 1/2).
+    baseline) or "penultimate" (penultimate-layer head only). fusion: "class" (a_k = sigmoid(g_k), learned),
+    "fixed" (a = 1/2) or "sample" (a_k(x) = sigmoid(V_k [h_pen/|h_pen|, h_fin/|h_fin|] + c_k), learned: the
+    weights then depend on the image, and the fused class leaves F_{N-1} + F_N).
     """
 
     def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", rank=8, alpha=8.0,
@@ -183,23 +184,36 @@ class SciLT(nn.Module):
         self.classifier2 = CosineClassifier(dim, num_classes) if method != "penultimate" else None
         # the gate's logits g: a = sigmoid(g) = 1/2 at start; learned only with fusion "class"
         self.gate = nn.Parameter(torch.zeros(num_classes), requires_grad=method == "scilt" and fusion == "class")
+        self.sample_gate = None
+        if method == "scilt" and fusion == "sample":  # zero weights: a = 1/2 at start here too
+            self.sample_gate = nn.Linear(2 * dim, num_classes)
+            nn.init.zeros_(self.sample_gate.weight)
+            nn.init.zeros_(self.sample_gate.bias)
         self.register_buffer("log_prior", torch.log(counts / counts.sum()))
 
     def features(self, x):
         return tap(self.backbone, x)
 
-    def fusion_weights(self):
-        """Per class, how much the prediction leans on the penultimate layer: a in [0, 1], shape (K,)."""
+    def fusion_weights(self, h_pen=None, h_fin=None):
+        """Per class, how much the prediction leans on the penultimate layer: a in [0, 1], shape (K,); with
+        a per-sample gate and features given, (B, K)."""
+        if self.sample_gate is not None and h_pen is not None:
+            h = torch.cat([F.normalize(h_pen, dim=-1), F.normalize(h_fin, dim=-1)], dim=-1)
+            return torch.sigmoid(self.sample_gate(h.to(self.sample_gate.weight.dtype)))
         if self.method == "scilt":
             return torch.sigmoid(self.gate)
         return torch.full_like(self.gate, float(self.method == "penultimate"))
+
+    def gate_parameters(self):
+        """What learns the fusion weights (empty with fixed fusion and for the one-head ablations)."""
+        return [p for p in (self.gate, *(self.sample_gate.parameters() if self.sample_gate else ())) if p.requires_grad]
 
     def classify(self, h_pen, h_fin):
         s1 = self.classifier1(h_pen) if self.classifier1 is not None else None
         s2 = self.classifier2(h_fin) if self.classifier2 is not None else None
         if s1 is None or s2 is None:  # an ablation: its one head is the prediction
             return SciLTOutput(s2 if s1 is None else s1, s1, s2)
-        a = self.fusion_weights()
+        a = self.fusion_weights(h_pen, h_fin)
         # a classifier on the fused representation [h_pen, h_fin]: it stays inside F_{N-1} + F_N
         return SciLTOutput(a * s1 + (1 - a) * s2, s1, s2)
 

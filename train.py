@@ -71,7 +71,8 @@ def parse_args(argv=None):
                    help="start from pretrained weights (timm's hub; for tiny, tiny_vit.safetensors)")
     p.add_argument("--weights", help="a local weights file (.safetensors or .pth) instead of the hub")
     p.add_argument("--method", default="scilt", choices=scilt.METHODS)
-    p.add_argument("--fusion", default="class", choices=scilt.FUSIONS, help="learned per-class gate, or a = 1/2")
+    p.add_argument("--fusion", default="class", choices=scilt.FUSIONS,
+                   help="a learned per-class gate, a = 1/2, or a learned per-sample gate")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--img-size", type=int)
     p.add_argument("--augment", choices=AUGMENTS, help="default: strong from 128 px up, light below")
@@ -322,12 +323,22 @@ def print_layers(layers):
 
 
 
+@torch.no_grad()
+def class_fusion_weights(model, train):
+    """a per class; for a per-sample gate, each class's mean a over its training images."""
+    if model.sample_gate is None:
+        return model.fusion_weights().cpu()
+    device = model.sample_gate.weight.device
+    a = model.fusion_weights(train["h_pen"].to(device), train["h_fin"].to(device)).cpu()
+    return torch.stack([a[train["labels"] == k, k].mean() for k in range(a.shape[1])])
+
+
 def report(model, test, val, train, classes, counts, groups, before):
     """metrics.json: fused-prediction metrics, each head's, what each level does per class, the check.
     `groups`: the counts that define many / medium / few."""
     heads = {name: head_metrics(test[key], test["labels"], groups, classes)
              for name, key in (("fused", "logits"), ("final", "s2"), ("penultimate", "s1")) if key in test}
-    a = model.fusion_weights().detach().cpu()
+    a = class_fusion_weights(model, train)
     correlation = None
     if "s1" in val and "s2" in val and a.std() > 0:  # does a class lean on the level that serves it better?
         gain = [p - f if p is not None and f is not None else 0.0 for p, f in zip(
@@ -453,8 +464,8 @@ def run(args):
     log(f"{args.model} + LoRA r={args.lora_rank} on {model.num_lora_layers} layers, method {args.method}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), {world} x {device}")
 
-    gate = [p for p in [model.gate] if p.requires_grad]
-    others = [p for p in model.parameters() if p.requires_grad and p is not model.gate]  # LoRA, heads
+    gate = model.gate_parameters()
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in gate)]  # LoRA, heads
     optimizer = torch.optim.AdamW([{"params": others, "weight_decay": WEIGHT_DECAY, "lr_scale": 1.0},
                                    {"params": gate, "weight_decay": 0.0, "lr_scale": GATE_LR_SCALE}])
     test_loader, val_loader = loader(data.test, args, device), loader(data.val, args, device)

@@ -136,6 +136,23 @@ def test_gradients_reach_exactly_the_trainable_parameters(method):
             torch.testing.assert_close(p, frozen_before[name], rtol=0, atol=0)
 
 
+def test_per_sample_gate_starts_at_one_half_and_is_what_learns_the_fusion():
+    model, _ = build("scilt", fusion="sample")
+    x = torch.randn(4, 3, 32, 32)
+    out = model(x)
+    torch.testing.assert_close(out.logits, 0.5 * out.s1 + 0.5 * out.s2)  # a = 1/2 at start, as per class
+    model.loss(out, torch.tensor([0, 1, 2, 3])).backward()
+    assert model.gate_parameters() == [model.sample_gate.weight, model.sample_gate.bias]
+    assert not model.gate.requires_grad and model.sample_gate.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.sample_gate.weight.normal_()
+        h_pen, h_fin = model.features(x)
+        a = model.fusion_weights(h_pen, h_fin)
+        out = model.classify(h_pen, h_fin)
+    assert a.shape == (4, len(COUNTS)) and a.std(0).min() > 0  # it differs from image to image
+    torch.testing.assert_close(out.logits, a * out.s1 + (1 - a) * out.s2)
+
+
 def test_methods_produce_the_documented_outputs():
     x = torch.randn(3, 3, 32, 32)
     fused, _ = build("scilt")

@@ -75,6 +75,14 @@ def test_ablations(tmp_path, method):
     assert set(metrics["fusion_weights"].values()) == {0.0 if method == "final" else 1.0}
 
 
+def test_per_sample_fusion_reports_each_class_mean_weight(tmp_path):
+    metrics = run(*FAST, "--fusion", "sample", "--out", str(tmp_path))
+    a = list(metrics["fusion_weights"].values())
+    assert len(a) == 10 and all(0 < w < 1 for w in a) and max(a) > min(a)  # learned, and per class
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {"sample_gate.weight", "sample_gate.bias"} <= set(checkpoint["model"]) and "gate" not in checkpoint["model"]
+
+
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     whole = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "whole"))
     save = train.save_atomically
