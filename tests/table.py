@@ -1,4 +1,4 @@
-"""The README's results tables: python tests/table.py [--sets ...] [--seeds 0 1 2] [-- train.py flags]
+"""The README's results tables: python tests/table.py [--sets ...] [--seeds 0 1 2] [--fusions] [-- train.py flags]
 
 Four generated data sets of different character, each trained with `python train.py` at its defaults
 (--method final, penultimate, scilt; 3 seeds), into runs/table/<set>/<method>-<seed>; a run already there
@@ -79,44 +79,70 @@ def cell(values):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
+def runs_of(name, method, seeds, tag, flags, sets):
+    """metrics.json of `python train.py <set flags> --method M --seed S <flags>` per seed, run if missing."""
+    runs = []
+    for seed in seeds:
+        out = OUT / (tag or "default") / name / f"{method}-{seed}"
+        if not (out / "metrics.json").exists():
+            command = [sys.executable, "train.py", *sets[name], "--method", method, "--seed", str(seed),
+                       "--out", str(out), *flags]
+            print(" ".join(command[1:]), file=sys.stderr, flush=True)
+            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        runs.append(json.loads((out / "metrics.json").read_text()))
+    return runs
+
+
+def spread(runs):
+    return [max(r["fusion_weights"].values()) - min(r["fusion_weights"].values()) for r in runs]
+
+
+def print_table(name, args, flags, sets):
+    runs = {method: runs_of(name, method, args.seeds, args.tag, flags, sets) for method in args.methods}
+    rows = {"start": [r["heads"]["start"] for r in runs[args.methods[-1]]],
+            "probe": [r["heads"]["probe"] for r in runs[args.methods[-1]]]}
+    rows.update({method: [r["heads"]["fused" if method == "scilt" else method] for r in rs]
+                 for method, rs in runs.items()})
+    bar = [max(s["balanced_acc"], q["balanced_acc"]) for s, q in zip(rows["start"], rows["probe"])]
+    print(f"\n{name} ({sum(runs[args.methods[-1]][0]['class_counts'].values())} training images, "
+          f"seeds {' '.join(map(str, args.seeds))})\n")
+    print(f"| | {' | '.join(c.removesuffix('_acc') for c in COLUMNS)} | balanced − max(start, probe) |")
+    print("|---" * (len(COLUMNS) + 2) + "|")
+    for row, metrics in rows.items():
+        gain = cell([m["balanced_acc"] - b for m, b in zip(metrics, bar)]) if row in runs else ""
+        print(f"| {row} | {' | '.join(cell([m[c] for m in metrics]) for c in COLUMNS)} | {gain} |")
+    if "scilt" in runs:
+        correlation = [r["fusion_val_correlation"] for r in runs["scilt"]]
+        print(f"\nscilt: spread of the fusion weights (max a - min a) {', '.join(f'{s:.2f}' for s in spread(runs['scilt']))}; "
+              f"val correlation of a with the penultimate head's per-class gain "
+              f"{', '.join('-' if c is None else f'{c:+.2f}' for c in correlation)}")
+
+
+def print_fusions(name, args, flags, sets):
+    """scilt with each --fusion; differences paired by seed against the default (class)."""
+    runs = {f: runs_of(name, "scilt", args.seeds, "" if f == "class" else f"fusion-{f}", flags + ["--fusion", f], sets)
+            for f in ("class", "fixed", "sample")}
+    print(f"\n{name}, scilt by fusion (seeds {' '.join(map(str, args.seeds))})\n")
+    print("| fusion | balanced | few | balanced − class | few − class | spread of a |\n|---|---|---|---|---|---|")
+    for f, rs in runs.items():
+        diff = lambda key: "" if f == "class" else cell([r[key] - c[key] for r, c in zip(rs, runs["class"])])
+        a = f"{statistics.mean(spread(rs)):.2f}" if f != "fixed" else "0"
+        print(f"| {f} | {cell([r['balanced_acc'] for r in rs])} | {cell([r['few'] for r in rs])} | "
+              f"{diff('balanced_acc')} | {diff('few')} | {a} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sets", nargs="+", default=["embedded", "small", "res48", "large"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["final", "penultimate", "scilt"])
+    p.add_argument("--fusions", action="store_true", help="compare --fusion class, fixed and sample instead")
     p.add_argument("--tag", default="", help="a sub-folder name for runs with extra train.py flags")
     args, flags = p.parse_known_args()
     flags = [f for f in flags if f != "--"]
     sets = make_sets()
     for name in args.sets:
-        runs = {}
-        for method in args.methods:
-            for seed in args.seeds:
-                out = OUT / (args.tag or "default") / name / f"{method}-{seed}"
-                if not (out / "metrics.json").exists():
-                    command = [sys.executable, "train.py", *sets[name], "--method", method, "--seed", str(seed),
-                               "--out", str(out), *flags]
-                    print(" ".join(command[1:]), file=sys.stderr, flush=True)
-                    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-                runs.setdefault(method, []).append(json.loads((out / "metrics.json").read_text()))
-        rows = {"start": [r["heads"]["start"] for r in runs[args.methods[-1]]],
-                "probe": [r["heads"]["probe"] for r in runs[args.methods[-1]]]}
-        rows.update({method: [r["heads"]["fused" if method == "scilt" else method] for r in rs]
-                     for method, rs in runs.items()})
-        bar = [max(s["balanced_acc"], q["balanced_acc"]) for s, q in zip(rows["start"], rows["probe"])]
-        print(f"\n{name} ({sum(runs[args.methods[-1]][0]['class_counts'].values())} training images, "
-              f"seeds {' '.join(map(str, args.seeds))})\n")
-        print(f"| | {' | '.join(c.removesuffix('_acc') for c in COLUMNS)} | balanced − max(start, probe) |")
-        print("|---" * (len(COLUMNS) + 2) + "|")
-        for row, metrics in rows.items():
-            gain = cell([m["balanced_acc"] - b for m, b in zip(metrics, bar)]) if row in runs else ""
-            print(f"| {row} | {' | '.join(cell([m[c] for m in metrics]) for c in COLUMNS)} | {gain} |")
-        if "scilt" in runs:
-            spread = [max(r["fusion_weights"].values()) - min(r["fusion_weights"].values()) for r in runs["scilt"]]
-            correlation = [r["fusion_val_correlation"] for r in runs["scilt"]]
-            print(f"\nscilt: spread of the fusion weights (max a - min a) {', '.join(f'{s:.2f}' for s in spread)}; "
-                  f"val correlation of a with the penultimate head's per-class gain "
-                  f"{', '.join('-' if c is None else f'{c:+.2f}' for c in correlation)}")
+        (print_fusions if args.fusions else print_table)(name, args, flags, sets)
 
 
 if __name__ == "__main__":
