@@ -230,6 +230,20 @@ def test_a_damaged_zip_is_deleted_and_named(server, tmp_path, monkeypatch):
     assert not (tmp_path / "isic" / "ISIC_2019_Training_Input.zip").exists()
 
 
+def test_blood_fetches_the_224_px_bloodmnist_file(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng, buffer = np.random.default_rng(0), io.BytesIO()
+    labels = {split: np.repeat(np.arange(8), n)[:, None] for split, n in (("train", 120), ("val", 20), ("test", 40))}
+    np.savez(buffer, **{f"{s}_images": rng.integers(0, 255, (len(y), 8, 8, 3), dtype=np.uint8) for s, y in labels.items()},
+             **{f"{s}_labels": y for s, y in labels.items()})
+    serve_set(server, monkeypatch, "blood", [(buffer.getvalue(), None)])
+    d = load_data("blood", img_size=32)  # the default root, data/bloodmnist
+    root = tmp_path / "data" / "bloodmnist"
+    assert (root / ".complete").exists() and (root / "bloodmnist_224.npz").exists()  # an .npz is kept as it is
+    assert d.classes == data.BLOOD_CLASSES and sum(d.class_counts) + 8 * 150 <= 8 * 180
+    assert len(d.test) == 800 and len(d.val) == 400
+
+
 def test_nih_fetches_the_images_and_says_where_the_labels_are(server, tmp_path, monkeypatch):
     png = jpeg(fmt="PNG")
     monkeypatch.setitem(data.REMOTE, "nih", data.REMOTE["nih"][:2])
