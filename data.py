@@ -713,7 +713,8 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
         if root is None and name not in DEFAULT_ROOTS:
             raise DataError(f"--data {name} needs --data-root: expected {WHERE[name]}")
         root = Path(root or DEFAULT_ROOTS[name])
-        ensure_downloaded(name, root, download)
+        if root.suffix != ".npz":  # a file named by the user is never a folder to download into
+            ensure_downloaded(name, root, download)
         if not root.exists():
             raise DataError(f"--data-root {root} does not exist: expected {WHERE[name]}")
     source = SOURCES[name](root, seed, 100 if imbalance_ratio is None else imbalance_ratio)

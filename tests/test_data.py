@@ -194,6 +194,8 @@ def test_bad_roots_and_names(tmp_path):
         load_data("isic", tmp_path / "nowhere", download=False)
     with pytest.raises(DataError, match="--data-root .*nowhere does not exist: expected MedMNIST"):
         load_data("npz", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="--data-root .*missing.npz does not exist: expected bloodmnist_224.npz"):
+        load_data("blood", tmp_path / "missing.npz")
     with pytest.raises(DataError, match="--data folder needs --data-root: expected your own images"):
         load_data("folder")
     (tmp_path / "ISIC_2019_Training_Input").mkdir()  # laid out by hand, but for the CSV
