@@ -7,9 +7,9 @@ and the three methods: mean ± sample standard deviation over seeds, and each me
 better of start and probe, paired by seed.
 
   embedded  the embedded default (--data synthetic): 10 cell types, 400 -> 4 training images, 48 -> 32 px
-  small     460 training images (135 -> 7), 10 types drawn at 32 px, PNG files in a folder (--data folder)
+  small     460 images (135 -> 7; a tenth kept for val), 10 types drawn at 32 px, PNG files (--data folder)
   res48     6 cell types drawn at 64 px and seen at 48 px, 300 -> 15, a MedMNIST-style .npz (--data npz)
-  large     2,600 training images (1,000 -> 10), 10 types, .npz
+  large     2,478 training images (1,000 -> 10), 10 types, .npz
 """
 import argparse
 import json

@@ -195,7 +195,8 @@ def test_isic_downloads_into_its_default_root_and_trains(server, tmp_path, capsy
     images, count, csv = isic_fixture()
     serve_set(server, monkeypatch, "isic", [(images, count), (csv, count + 1)])
     server.cut.add("/2019/ISIC_2019_Training_Input.zip")  # the first try is cut off half way
-    argv = ["--data", "isic", "--model", "tiny", "--epochs", "1", "--imbalance-ratio", "10", "--out", "run"]
+    argv = ["--data", "isic", "--model", "tiny", "--img-size", "16", "--epochs", "1", "--imbalance-ratio", "10",
+            "--out", "run"]
     status, out, err = run_train(argv, capsys)
     assert status == 2 and "stopped at" in err and "run again to resume" in err
     root = tmp_path / "data" / "isic2019"
@@ -277,7 +278,7 @@ def cifar_fixture(per_class=6, classes=100):
 def test_cifar100_lt_downloads_and_trains(server, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     serve_set(server, monkeypatch, "cifar100-lt", [(archive(cifar_fixture()), None)])
-    status, out, err = run_train(["--data", "cifar100-lt", "--model", "tiny", "--epochs", "1", "--out", "run"], capsys)
+    status, out, err = run_train(["--data", "cifar100-lt", "--model", "tiny", "--img-size", "16", "--epochs", "1", "--out", "run"], capsys)
     assert status == 0, err
     assert "no val images" in out and "cifar100-lt: 596 train / 0 val / 100 test images" in out
     assert (tmp_path / "data" / "cifar100" / ".complete").exists()

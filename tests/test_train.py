@@ -13,6 +13,7 @@ from PIL import Image
 
 import scilt
 import train
+from conftest import tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--img-size", "16", "--epochs", "1"]
@@ -75,12 +76,17 @@ def test_ablations(tmp_path, method):
     assert set(metrics["fusion_weights"].values()) == {0.0 if method == "final" else 1.0}
 
 
-def test_per_sample_fusion_reports_each_class_mean_weight(tmp_path):
-    metrics = run(*FAST, "--fusion", "sample", "--out", str(tmp_path))
-    a = list(metrics["fusion_weights"].values())
-    assert len(a) == 10 and all(0 < w < 1 for w in a) and max(a) > min(a)  # learned, and per class
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert {"sample_gate.weight", "sample_gate.bias"} <= set(checkpoint["model"]) and "gate" not in checkpoint["model"]
+def test_per_sample_fusion_reports_each_class_mean_weight():
+    model = scilt.SciLT(tiny_vit(), [5, 3, 2], fusion="sample")
+    with torch.no_grad():
+        model.sample_gate.weight.normal_()
+    train_set = dict(zip(("h_pen", "h_fin"), model.features(torch.randn(6, 3, 32, 32))))
+    train_set["labels"] = torch.tensor([0, 0, 1, 1, 2, 2])
+    a = model.fusion_weights(train_set["h_pen"], train_set["h_fin"]).detach()
+    expected = torch.stack([a[2 * k:2 * k + 2, k].mean() for k in range(3)])  # class k's mean over its images
+    torch.testing.assert_close(train.class_fusion_weights(model, train_set), expected)
+    state = train.trainable_state(model)  # what a checkpoint holds
+    assert {"sample_gate.weight", "sample_gate.bias"} <= set(state) and "gate" not in state
 
 
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
