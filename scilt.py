@@ -214,7 +214,8 @@ class SciLT(nn.Module):
         if s1 is None or s2 is None:  # an ablation: its one head is the prediction
             return SciLTOutput(s2 if s1 is None else s1, s1, s2)
         a = self.fusion_weights(h_pen, h_fin)
-        # a classifier on the fused representation [h_pen, h_fin]: it stays inside F_{N-1} + F_N
+        # a classifier on the fused representation [h_pen, h_fin]: with a per-class or fixed a it stays inside
+        # F_{N-1} + F_N (a per-sample a(x) leaves it)
         return SciLTOutput(a * s1 + (1 - a) * s2, s1, s2)
 
     def forward(self, x):
