@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 METHODS = ("scilt", "final", "penultimate")
 FUSIONS = ("class", "fixed", "sample")  # a learned per-class gate (the default), a = 1/2, or a per-sample gate
-COSINE_SCALE = 25.0           # s = scale * cos(W_k, h): logits in [-25, 25]
+COSINE_SCALE = 25.0           # s = scale * cos(W_k, h) as a head is built; init_heads then fits it
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,9 +133,10 @@ class CosineClassifier(nn.Module):
     def __init__(self, dim, num_classes):
         super().__init__()
         self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, dim), dim=-1))  # see SciLT.init_heads
+        self.register_buffer("scale", torch.tensor(COSINE_SCALE))  # a temperature: fitted, not trained
 
     def forward(self, h):  # (B, D) -> (B, K)
-        return COSINE_SCALE * F.linear(F.normalize(h, dim=-1), F.normalize(self.weight, dim=-1))
+        return self.scale * F.linear(F.normalize(h, dim=-1), F.normalize(self.weight, dim=-1))
 
     @torch.no_grad()
     def set_class_means(self, h, labels):
@@ -204,6 +205,11 @@ class SciLT(nn.Module):
             return torch.sigmoid(self.gate)
         return torch.full_like(self.gate, float(self.method == "penultimate"))
 
+    @property
+    def scale(self):
+        """The heads' cosine scale (a temperature, shared by both heads)."""
+        return (self.classifier1 if self.classifier1 is not None else self.classifier2).scale.item()
+
     def gate_parameters(self):
         """What learns the fusion weights (empty with fixed fusion and for the one-head ablations)."""
         return [p for p in (self.gate, *(self.sample_gate.parameters() if self.sample_gate else ())) if p.requires_grad]
@@ -229,11 +235,23 @@ class SciLT(nn.Module):
                                              + logit_adjusted_loss(output.s2, target, self.log_prior, self.tau))
         return loss
 
+    @torch.no_grad()
     def init_heads(self, h_pen, h_fin, labels):
-        """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features."""
-        for head, h in ((self.classifier1, h_pen), (self.classifier2, h_fin)):
-            if head is not None:
-                head.set_class_means(h, labels)
+        """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features, with
+        the cosine scale s (shared by both) that fits them: the one that minimises the training loss of this
+        step-0 model. A temperature: it changes no prediction. At a scale set too high (25 is 2 to 4 times
+        what class means on pretrained features support) the first steps spend themselves undoing
+        confident mistakes, moving prototypes and features away from what the class means got right."""
+        heads = [(head, h) for head, h in ((self.classifier1, h_pen), (self.classifier2, h_fin)) if head is not None]
+        for head, h in heads:
+            head.set_class_means(h, labels)
+            head.scale.fill_(1.0)
+        out = self.classify(h_pen, h_fin)  # cosines: every score is linear in s
+        scales = torch.logspace(0, 2, 161).tolist()  # 1 .. 100, 1.2% apart
+        fit = lambda s: self.loss(SciLTOutput(*(None if z is None else s * z for z in out)), labels).item()
+        best = min(scales, key=fit)
+        for head, _ in heads:
+            head.scale.fill_(best)
 
 
 def logit_adjusted_loss(logits, target, log_prior, tau=1.0):
@@ -333,24 +351,24 @@ def rademacher_bound(features, bound=1.0):
     return float(bound / len(h) * h.pow(2).sum().sqrt())
 
 
-def rademacher_check(h_pen, h_fin, fusion_weights, draws=1000, seed=0):
+def rademacher_check(h_pen, h_fin, fusion_weights, scale=COSINE_SCALE, draws=1000, seed=0):
     """On the TRAINING sample (the sample a generalisation bound is about). Each cosine head scores
-    <w, h / |h|> with |w| = COSINE_SCALE. The fused score of class k, a_k s_1 + (1 - a_k) s_2, lies in
+    <w, h / |h|> with |w| = scale, the heads' scale. The fused score of class k, a_k s_1 + (1 - a_k) s_2, lies in
     a_k F_{N-1} + (1 - a_k) F_N, whose complexity is a_k R(F_{N-1}) + (1 - a_k) R(F_N) <= R(F_{N-1}) +
     R(F_N) (Bartlett & Mendelson 2002). `holds`: every estimate under its closed-form bound within three
     Monte-Carlo standard errors."""
     levels = {}
     for name, h in (("penultimate", h_pen), ("final", h_fin)):
         h = F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
-        estimate, error = rademacher_complexity(h, COSINE_SCALE, draws, seed)
-        levels[name] = {"estimate": estimate, "stderr": error, "bound": rademacher_bound(h, COSINE_SCALE)}
+        estimate, error = rademacher_complexity(h, scale, draws, seed)
+        levels[name] = {"estimate": estimate, "stderr": error, "bound": rademacher_bound(h, scale)}
     pen, fin = levels["penultimate"], levels["final"]
     levels["sum"] = {k: pen[k] + fin[k] for k in ("estimate", "bound")}
     levels["sum"]["stderr"] = math.hypot(pen["stderr"], fin["stderr"])
     a = torch.as_tensor(fusion_weights, dtype=torch.float64).mean().item()  # the mean class's mixture
     levels["fused"] = {k: a * pen[k] + (1 - a) * fin[k] for k in ("estimate", "stderr", "bound")}
     levels["holds"] = all(v["estimate"] <= v["bound"] * (1 + 1e-9) + 3 * v["stderr"] for v in levels.values())
-    levels["n"] = len(h_pen)
+    levels["n"], levels["scale"] = len(h_pen), float(scale)
     return levels
 
 

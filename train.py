@@ -346,7 +346,7 @@ def report(model, test, val, train, classes, counts, groups, before):
             head_metrics(val["s2"], val["labels"], counts)["per_class_acc"].values())]
         correlation = float(np.corrcoef(a.numpy(), gain)[0, 1]) if np.std(gain) > 0 else None
     train_balanced = head_metrics(train["logits"], train["labels"], counts)["balanced_acc"]
-    rademacher = scilt.rademacher_check(train["h_pen"], train["h_fin"], a)
+    rademacher = scilt.rademacher_check(train["h_pen"], train["h_fin"], a, model.scale)
     rademacher.update(train_balanced_acc=train_balanced, gap=train_balanced - heads["fused"]["balanced_acc"])
     return {
         **heads["fused"],
@@ -375,7 +375,7 @@ def print_report(metrics):
         print(f"correlation on val between a and (penultimate - final head accuracy) per class: "
               f"{metrics['fusion_val_correlation']:+.2f}")
     r = metrics["rademacher"]
-    print(f"\nRademacher check on the {r['n']} training images (unit features, |w| <= {scilt.COSINE_SCALE:g}; "
+    print(f"\nRademacher check on the {r['n']} training images (unit features, |w| <= {r['scale']:.3g}; "
           "estimate ± s.e. <= bound): " + ", ".join(
               f"{k} {r[k]['estimate']:.3f}±{r[k]['stderr']:.3f} <= {r[k]['bound']:.3f}"
               for k in ("penultimate", "final", "sum", "fused")) + f": {'holds' if r['holds'] else 'VIOLATED'}")
@@ -389,7 +389,10 @@ def print_report(metrics):
 # Checkpoints: what learns (LoRA, heads, gate), the optimizer, the run's state and arguments.
 
 def trainable_state(model):
-    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+    """What training changes, and the heads' scale, fitted at step 0."""
+    learned = [(k, v) for k, v in model.named_parameters() if v.requires_grad]
+    scales = [(k, v) for k, v in model.named_buffers() if k.endswith(".scale")]
+    return {k: v.detach().cpu().clone() for k, v in learned + scales}
 
 
 def save_atomically(obj, path, text=False):
@@ -481,8 +484,9 @@ def run(args):
         before = start_metrics(train, predict(model, val_loader, device), predict(model, test_loader, device),
                                data.class_counts, data.group_counts)
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, train_seconds=0.0, best=None, before=before)
-        log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}%, linear probe on "
-            f"frozen features {100 * before['probe']['balanced_acc']:.1f}% balanced accuracy")
+        log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale fitted "
+            f"to {model.scale:.3g}), linear probe on frozen features {100 * before['probe']['balanced_acc']:.1f}% "
+            "balanced accuracy")
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_splits(out / "splits.csv", data)

@@ -221,6 +221,24 @@ def test_init_heads_sets_unit_norm_class_means():
     torch.testing.assert_close(model.classifier1.weight[4], random_row)
 
 
+def test_init_heads_fits_the_scale_that_minimises_the_step_0_loss_and_changes_no_prediction():
+    model, _ = build()
+    labels = torch.arange(5).repeat_interleave(torch.tensor([40, 20, 10, 5, 3]))
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(5, 48), dim=-1)  # classes that overlap, as on pretrained features
+    h_pen, h_fin = centres[labels] + 0.3 * torch.randn(78, 48), centres[labels] + 0.3 * torch.randn(78, 48)
+    model.init_heads(h_pen, h_fin, labels)
+    scale = model.scale
+    assert 2 < scale < 50 and model.classifier1.scale.item() == model.classifier2.scale.item() == scale
+    loss = lambda s: model.loss(scilt.SciLTOutput(*(s / scale * z for z in model.classify(h_pen, h_fin))), labels)
+    assert loss(scale) < loss(0.9 * scale) and loss(scale) < loss(1.1 * scale)  # the minimum of the loss in s
+    x = torch.randn(100, 48)
+    fitted = model.classify(x, x)
+    for head in (model.classifier1, model.classifier2):
+        head.scale.fill_(scilt.COSINE_SCALE)
+    assert torch.equal(model.classify(x, x).logits.argmax(1), fitted.logits.argmax(1))
+
+
 def test_one_optimizer_step_turns_head_and_tail_rows_alike():
     """Unit rows: AdamW turns a 400-image class's prototype as fast as a 4-image class's (with rows of
     norm proportional to class counts, the head class's turned about 100x slower)."""
@@ -332,8 +350,9 @@ def test_rademacher_estimate_and_bound():
         assert check["sum"][key] == pytest.approx(pen[key] + fin[key])
         assert check["fused"][key] == pytest.approx(0.3 * pen[key] + 0.7 * fin[key])
     assert check["holds"] and check["n"] == 200
-    # the cosine heads see unit features: each level's bound is scale / sqrt(n)
+    # the cosine heads see unit features: each level's bound is scale / sqrt(n), for the heads' scale
     assert fin["bound"] == pytest.approx(scilt.COSINE_SCALE / math.sqrt(200))
+    assert scilt.rademacher_check(h, h, a, scale=7.0)["final"]["bound"] == pytest.approx(7 / math.sqrt(200))
 
 
 def test_rademacher_check_is_not_fooled_by_monte_carlo_noise():

@@ -60,9 +60,13 @@ def test_default_run_writes_the_report(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "penultimate head" in printed and "Rademacher check" in printed and "img/s" in printed
     assert "start (step 0)" in printed and "linear probe" in printed
-    # the checkpoint holds what learns, not the frozen backbone, and loads without pickled code
+    # the checkpoint holds what learns and the heads' scale fitted at step 0, not the frozen backbone, and
+    # loads without pickled code
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert sum(v.numel() for v in checkpoint["model"].values()) == metrics["trainable_params"]
+    scales = {k: v.item() for k, v in checkpoint["model"].items() if k.endswith(".scale")}
+    assert set(scales) == {"classifier1.scale", "classifier2.scale"} and set(scales.values()) == {r["scale"]}
+    assert 1 < r["scale"] < 25  # class means on these features do not support 25's confidence
+    assert sum(v.numel() for k, v in checkpoint["model"].items() if k not in scales) == metrics["trainable_params"]
     assert checkpoint["args"]["method"] == "scilt" and checkpoint["state"]["epoch"] == 1
     assert (tmp_path / "splits.csv").read_text().count("\n") == 988 + 200 + 1000 + 1
 
