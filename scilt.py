@@ -238,7 +238,7 @@ class SciLT(nn.Module):
     @torch.no_grad()
     def init_heads(self, h_pen, h_fin, labels):
         """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features, with
-        the cosine scale s (shared by both) that fits them: the one that minimises the training loss of this
+        the cosine scale (shared by both) that fits them: the one that minimises the training loss of this
         step-0 model. A temperature: it changes no prediction. At a scale set too high (25 is 2 to 4 times
         what class means on pretrained features support) the first steps spend themselves undoing
         confident mistakes, moving prototypes and features away from what the class means got right."""
@@ -353,9 +353,9 @@ def rademacher_bound(features, bound=1.0):
 
 def rademacher_check(h_pen, h_fin, fusion_weights, scale=COSINE_SCALE, draws=1000, seed=0):
     """On the TRAINING sample (the sample a generalisation bound is about). Each cosine head scores
-    <w, h / |h|> with |w| = scale, the heads' scale. The fused score of class k, a_k s_1 + (1 - a_k) s_2, lies in
-    a_k F_{N-1} + (1 - a_k) F_N, whose complexity is a_k R(F_{N-1}) + (1 - a_k) R(F_N) <= R(F_{N-1}) +
-    R(F_N) (Bartlett & Mendelson 2002). `holds`: every estimate under its closed-form bound within three
+    <w, h / |h|> with |w| = scale, the heads' scale. The fused score of class k, a_k s_1 + (1 - a_k) s_2,
+    lies in a_k F_{N-1} + (1 - a_k) F_N, whose complexity is a_k R(F_{N-1}) + (1 - a_k) R(F_N) <=
+    R(F_{N-1}) + R(F_N) (Bartlett & Mendelson 2002). `holds`: every estimate under its closed-form bound within three
     Monte-Carlo standard errors."""
     levels = {}
     for name, h in (("penultimate", h_pen), ("final", h_fin)):
