@@ -355,8 +355,8 @@ def rademacher_check(h_pen, h_fin, fusion_weights, scale=COSINE_SCALE, draws=100
     """On the TRAINING sample (the sample a generalisation bound is about). Each cosine head scores
     <w, h / |h|> with |w| = scale, the heads' scale. The fused score of class k, a_k s_1 + (1 - a_k) s_2,
     lies in a_k F_{N-1} + (1 - a_k) F_N, whose complexity is a_k R(F_{N-1}) + (1 - a_k) R(F_N) <=
-    R(F_{N-1}) + R(F_N) (Bartlett & Mendelson 2002). `holds`: every estimate under its closed-form bound within three
-    Monte-Carlo standard errors."""
+    R(F_{N-1}) + R(F_N) (Bartlett & Mendelson 2002). `holds`: every estimate under its closed-form bound
+    within three Monte-Carlo standard errors."""
     levels = {}
     for name, h in (("penultimate", h_pen), ("final", h_fin)):
         h = F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
