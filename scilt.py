@@ -30,17 +30,19 @@ COSINE_SCALE = 25.0           # s = scale * cos(W_k, h) as a head is built; init
 # LoRA: y = W x + b + (alpha / r) * B A x, with W, b frozen and B = 0 at start.
 
 class LoRALinear(nn.Module):
-    """Drops in where `base` was; freezes it. Starts as the identity change: the model is the pretrained one."""
+    """Drops in where `base` was; freezes it. Starts as the identity change: the model is the pretrained one.
+    alpha defaults to the rank (scaling 1), here and wherever a LoRALinear is made."""
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: Optional[float] = None, dropout: float = 0.0):
         super().__init__()
         assert isinstance(base, nn.Linear), f"LoRALinear wraps an nn.Linear, got {type(base).__name__}"
         assert rank > 0, f"LoRA rank must be positive, got {rank}"
         self.base = base.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)  # a bf16 base gets bf16 A and B
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        self.scaling = alpha / rank
+        self.scaling = (rank if alpha is None else alpha) / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
@@ -77,7 +79,7 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def add_lora(model, rank=8, alpha=8.0, targets=("qkv", "proj"), dropout=0.0):
+def add_lora(model, rank=8, alpha=None, targets=("qkv", "proj"), dropout=0.0):
     """Wrap every nn.Linear in `model.blocks` whose last name component is in `targets`; freeze the rest.
 
     Returns how many layers were wrapped. Default targets are the attention's `qkv` and `proj`; the MLP's
@@ -141,9 +143,8 @@ class CosineClassifier(nn.Module):
     @torch.no_grad()
     def set_class_means(self, h, labels):
         """Each class's row := the unit-norm mean of its normalised features h (N, D) (a class without
-        samples keeps its random unit row): the nearest-class-mean classifier. Rows of equal norm matter:
-        the gradient through normalize(W_k) scales as 1/|W_k| and AdamW's step does not, so unequal norms
-        would be per-class learning rates."""
+        samples keeps its random unit row). Equal norms: with AdamW a row turns as 1/|W_k|, so unequal
+        norms would be per-class learning rates."""
         sums = torch.zeros_like(self.weight).index_add_(0, labels, F.normalize(h.to(self.weight), dim=-1))
         seen = torch.bincount(labels, minlength=len(sums)) > 0
         self.weight[seen] = F.normalize(sums[seen], dim=-1)
@@ -165,7 +166,7 @@ class SciLT(nn.Module):
     weights then depend on the image, and the fused class leaves F_{N-1} + F_N).
     """
 
-    def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", rank=8, alpha=8.0,
+    def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", rank=8, alpha=None,
                  targets=("qkv", "proj"), tau=1.0, aux_weight=0.5):
         super().__init__()
         assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
@@ -177,16 +178,17 @@ class SciLT(nn.Module):
         assert counts.ndim == 1 and (counts > 0).all(), f"class_counts must be positive, got {class_counts}"
         num_classes, dim = len(counts), backbone.num_features
         self.method, self.tau, self.aux_weight = method, tau, aux_weight
+        self.fusion = fusion if method == "scilt" else None  # the ablations have one head: nothing to fuse
         self.backbone = backbone
         self.num_lora_layers = add_lora(backbone, rank, alpha, targets)
         if method == "penultimate":  # z_N never reaches the output: the last block cannot learn
             backbone.blocks[-1].requires_grad_(False)
         self.classifier1 = CosineClassifier(dim, num_classes) if method != "final" else None
         self.classifier2 = CosineClassifier(dim, num_classes) if method != "penultimate" else None
-        # the gate's logits g: a = sigmoid(g) = 1/2 at start; learned only with fusion "class"
-        self.gate = nn.Parameter(torch.zeros(num_classes), requires_grad=method == "scilt" and fusion == "class")
-        self.sample_gate = None
-        if method == "scilt" and fusion == "sample":  # zero weights: a = 1/2 at start here too
+        self.gate = self.sample_gate = None
+        if self.fusion == "class":  # the gate's logits g: a = sigmoid(g) = 1/2 at start
+            self.gate = nn.Parameter(torch.zeros(num_classes))
+        elif self.fusion == "sample":  # zero weights: a = 1/2 at start here too
             self.sample_gate = nn.Linear(2 * dim, num_classes)
             nn.init.zeros_(self.sample_gate.weight)
             nn.init.zeros_(self.sample_gate.bias)
@@ -197,13 +199,16 @@ class SciLT(nn.Module):
 
     def fusion_weights(self, h_pen=None, h_fin=None):
         """Per class, how much the prediction leans on the penultimate layer: a in [0, 1], shape (K,); with
-        a per-sample gate and features given, (B, K)."""
-        if self.sample_gate is not None and h_pen is not None:
+        a per-sample gate, (B, K) for the features given (which it then needs)."""
+        if self.sample_gate is not None:
+            if h_pen is None or h_fin is None:
+                raise ValueError("a per-sample gate's weights depend on the image: pass h_pen and h_fin")
             h = torch.cat([F.normalize(h_pen, dim=-1), F.normalize(h_fin, dim=-1)], dim=-1)
             return torch.sigmoid(self.sample_gate(h.to(self.sample_gate.weight.dtype)))
-        if self.method == "scilt":
+        if self.gate is not None:
             return torch.sigmoid(self.gate)
-        return torch.full_like(self.gate, float(self.method == "penultimate"))
+        a = {"scilt": 0.5, "final": 0.0, "penultimate": 1.0}[self.method]  # fixed fusion, or one head
+        return torch.full((len(self.log_prior),), a, device=self.log_prior.device)
 
     @property
     def scale(self):
@@ -212,7 +217,9 @@ class SciLT(nn.Module):
 
     def gate_parameters(self):
         """What learns the fusion weights (empty with fixed fusion and for the one-head ablations)."""
-        return [p for p in (self.gate, *(self.sample_gate.parameters() if self.sample_gate else ())) if p.requires_grad]
+        if self.gate is not None:
+            return [self.gate]
+        return list(self.sample_gate.parameters()) if self.sample_gate is not None else []
 
     def classify(self, h_pen, h_fin):
         s1 = self.classifier1(h_pen) if self.classifier1 is not None else None
@@ -238,10 +245,8 @@ class SciLT(nn.Module):
     @torch.no_grad()
     def init_heads(self, h_pen, h_fin, labels):
         """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features, with
-        the cosine scale (shared by both) that fits them: the one that minimises the training loss of this
-        step-0 model. A temperature: it changes no prediction. At a scale set too high (25 is 2 to 4 times
-        what class means on pretrained features support) the first steps spend themselves undoing
-        confident mistakes, moving prototypes and features away from what the class means got right."""
+        the cosine scale (shared) that minimises this step-0 model's training loss: a temperature that
+        changes no prediction. Too high a scale (25) makes the first steps undo confident mistakes."""
         heads = [(head, h) for head, h in ((self.classifier1, h_pen), (self.classifier2, h_fin)) if head is not None]
         for head, h in heads:
             head.set_class_means(h, labels)
@@ -335,41 +340,37 @@ def long_tail_metrics(preds, targets, class_counts, class_names=None):
 # ----------------------------------------------------------------------------------------------------
 # Rademacher sanity check of F_SciLT = F_{N-1} + F_N.
 
-def rademacher_complexity(features, bound=1.0, draws=1000, seed=0):
-    """Monte-Carlo estimate of the empirical Rademacher complexity of {h -> <w, h> : |w| <= bound} on the
-    sample `features` (n, D): (bound / n) E_sigma |sum_i sigma_i h_i|. Returns (estimate, standard error)."""
+def rademacher_draws(features, bound, draws=1000, seed=0):
+    """For each of `draws` draws of sigma (n,) in {-1, 1}: the supremum over {h -> <w, h> : |w| <= bound} of
+    (1/n) sum_i sigma_i <w, h_i>, which is (bound / n) |sum_i sigma_i h_i|. Returns (draws,) float64; their
+    mean estimates the empirical Rademacher complexity on the sample `features` (n, D). The same seed gives
+    the same sigmas, so that draws pair across feature sets. Chunked: memory stays O(n) per 10^7 signs."""
     h = torch.as_tensor(features, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
-    sigma = torch.randint(0, 2, (draws, len(h)), generator=generator, dtype=torch.float64) * 2 - 1
-    sups = bound / len(h) * (sigma @ h).norm(dim=1)  # (draws,) the supremum for each draw of sigma
-    return float(sups.mean()), float(sups.std() / math.sqrt(draws))
+    generator, chunk, sups = torch.Generator().manual_seed(seed), max(1, 10**7 // len(h)), []
+    for start in range(0, draws, chunk):
+        sigma = torch.randint(0, 2, (min(chunk, draws - start), len(h)), generator=generator) * 2.0 - 1
+        sups.append(bound / len(h) * (sigma.to(h) @ h).norm(dim=1))
+    return torch.cat(sups)
 
 
-def rademacher_bound(features, bound=1.0):
-    """The closed form above it (Jensen): (bound / n) sqrt(sum_i |h_i|^2)."""
-    h = torch.as_tensor(features, dtype=torch.float64)
-    return float(bound / len(h) * h.pow(2).sum().sqrt())
-
-
-def rademacher_check(h_pen, h_fin, fusion_weights, scale=COSINE_SCALE, draws=1000, seed=0):
-    """On the TRAINING sample (the sample a generalisation bound is about). Each cosine head scores
-    <w, h / |h|> with |w| = scale, the heads' scale. The fused score of class k, a_k s_1 + (1 - a_k) s_2,
-    lies in a_k F_{N-1} + (1 - a_k) F_N, whose complexity is a_k R(F_{N-1}) + (1 - a_k) R(F_N) <=
-    R(F_{N-1}) + R(F_N) (Bartlett & Mendelson 2002). `holds`: every estimate under its closed-form bound
-    within three Monte-Carlo standard errors."""
-    levels = {}
-    for name, h in (("penultimate", h_pen), ("final", h_fin)):
-        h = F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
-        estimate, error = rademacher_complexity(h, scale, draws, seed)
-        levels[name] = {"estimate": estimate, "stderr": error, "bound": rademacher_bound(h, scale)}
-    pen, fin = levels["penultimate"], levels["final"]
-    levels["sum"] = {k: pen[k] + fin[k] for k in ("estimate", "bound")}
-    levels["sum"]["stderr"] = math.hypot(pen["stderr"], fin["stderr"])
-    a = torch.as_tensor(fusion_weights, dtype=torch.float64).mean().item()  # the mean class's mixture
-    levels["fused"] = {k: a * pen[k] + (1 - a) * fin[k] for k in ("estimate", "stderr", "bound")}
-    levels["holds"] = all(v["estimate"] <= v["bound"] * (1 + 1e-9) + 3 * v["stderr"] for v in levels.values())
-    levels["n"], levels["scale"] = len(h_pen), float(scale)
-    return levels
+def rademacher_check(h_pen, h_fin, fusion_weights, scale, draws=1000, seed=0):
+    """The complexity of what the heads compute, on the TRAINING sample (the sample a generalisation bound
+    is about). A cosine head scores <w, h/|h|> with |w| = scale. Per level, F_l = {h -> <w, h/|h|>}; the
+    sum class F_{N-1} + F_N, whose supremum splits per level, is measured from the same (paired) sigmas as
+    one Monte-Carlo average with its own standard error (R(F + G) <= R(F) + R(G): Bartlett & Mendelson
+    2002, with equality here); `fused` is a F_{N-1} + (1 - a) F_N for the mean class's learned a. The
+    closed bound (Jensen) is scale / sqrt(n) per level for unit features, whatever they are: n and the
+    scale fix it, so it is no test. The estimate's `fraction` of it lies between sqrt(2/pi) = 0.80
+    (identical features) and 1 (orthogonal ones): it says how diverse the training features are."""
+    unit = lambda h: F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
+    pen, fin = (rademacher_draws(unit(h), scale, draws, seed) for h in (h_pen, h_fin))
+    a = torch.as_tensor(fusion_weights, dtype=torch.float64).mean().item()
+    bound = scale / math.sqrt(len(h_pen))
+    classes = {"penultimate": (pen, bound), "final": (fin, bound), "sum": (pen + fin, 2 * bound),
+               "fused": (a * pen + (1 - a) * fin, bound)}
+    check = {name: {"estimate": sups.mean().item(), "stderr": sups.std().item() / math.sqrt(draws),
+                    "bound": limit, "fraction": sups.mean().item() / limit} for name, (sups, limit) in classes.items()}
+    return {**check, "n": len(h_pen), "scale": float(scale), "mean_a": a}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -93,6 +93,31 @@ def test_lora_linear_merge_is_exact_and_unmerge_restores():
     torch.testing.assert_close(layer(x), expected)
 
 
+def test_lora_alpha_defaults_to_the_rank_in_every_constructor():
+    """One default: SciLT(rank=16), add_lora and LoRALinear all scale B A by 1, as train.py --lora-rank 16 does."""
+    model = scilt.SciLT(tiny_vit(), COUNTS, rank=16)
+    assert {layer.scaling for layer in scilt.lora_layers(model)} == {1.0}
+    assert scilt.LoRALinear(torch.nn.Linear(4, 4), rank=2).scaling == 1.0
+    import train
+    built = scilt.SciLT(tiny_vit(), COUNTS, rank=16, tau=train.TAU, aux_weight=train.AUX_WEIGHT)
+    assert {layer.scaling for layer in scilt.lora_layers(built)} == {1.0}
+
+
+def test_lora_linear_follows_the_base_dtype():
+    """A bf16 base (no autocast) gets bf16 A and B: the forward pass, merge and unmerge all work in bf16."""
+    base = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    layer = scilt.LoRALinear(base, rank=4)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
+    assert layer.lora_A.device == base.weight.device
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), base(x))
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    adapted = layer(x)
+    assert adapted.dtype == torch.bfloat16 and not torch.equal(adapted, base(x))
+    layer.merge()
+    torch.testing.assert_close(layer(x), adapted, rtol=0.05, atol=0.05)
+
+
 def test_merged_model_equals_unmerged():
     model, _ = build()
     model.eval()
@@ -143,14 +168,21 @@ def test_per_sample_gate_starts_at_one_half_and_is_what_learns_the_fusion():
     torch.testing.assert_close(out.logits, 0.5 * out.s1 + 0.5 * out.s2)  # a = 1/2 at start, as per class
     model.loss(out, torch.tensor([0, 1, 2, 3])).backward()
     assert model.gate_parameters() == [model.sample_gate.weight, model.sample_gate.bias]
-    assert not model.gate.requires_grad and model.sample_gate.weight.grad.abs().sum() > 0
+    assert model.gate is None and model.sample_gate.weight.grad.abs().sum() > 0
     with torch.no_grad():
         model.sample_gate.weight.normal_()
+        model.sample_gate.bias.normal_()
         h_pen, h_fin = model.features(x)
         a = model.fusion_weights(h_pen, h_fin)
         out = model.classify(h_pen, h_fin)
     assert a.shape == (4, len(COUNTS)) and a.std(0).min() > 0  # it differs from image to image
     torch.testing.assert_close(out.logits, a * out.s1 + (1 - a) * out.s2)
+    # a(x) = sigmoid(V [h_pen/|h_pen|, h_fin/|h_fin|] + c), computed here independently
+    V, c = model.sample_gate.weight, model.sample_gate.bias
+    unit = lambda h: h / h.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(a, torch.sigmoid(torch.cat([unit(h_pen), unit(h_fin)], 1) @ V.T + c))
+    with pytest.raises(ValueError, match="depend on the image"):
+        model.fusion_weights()  # no features: no silent 1/2
 
 
 def test_methods_produce_the_documented_outputs():
@@ -169,7 +201,7 @@ def test_methods_produce_the_documented_outputs():
 
     final, _ = build("final")
     out = final(x)
-    assert out.s1 is None and out.logits is out.s2 and final.classifier1 is None and not final.gate.requires_grad
+    assert out.s1 is None and out.logits is out.s2 and final.classifier1 is None and final.gate is None
     torch.testing.assert_close(final.fusion_weights(), torch.zeros(5))
 
     penultimate, _ = build("penultimate")
@@ -310,6 +342,21 @@ def test_linear_probe_separates_separable_features():
     assert (probe(centres[test_labels] + 0.5 * torch.randn(100, 32)).argmax(1) == test_labels).all()
 
 
+def test_linear_probe_with_logit_adjustment_is_balanced_on_overlapping_long_tailed_features():
+    """Overlapping classes, 300 down to 3 training images: a plain softmax regression leans to the head
+    classes; the logit-adjusted one (as the heads' loss) is clearly better on a balanced test set."""
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.tensor([300, 120, 50, 20, 8, 3])
+    centres = 1.5 * F.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+    sample = lambda labels: centres[labels] + 0.6 * torch.randn(len(labels), 16, generator=generator)
+    labels, test_labels = torch.arange(6).repeat_interleave(counts), torch.arange(6).repeat(300)
+    h, test_h = sample(labels), sample(test_labels)
+    log_prior = torch.log(counts / counts.sum())
+    balanced = lambda tau: scilt.long_tail_metrics(scilt.linear_probe(h, labels, log_prior, tau)(test_h).argmax(1),
+                                                   test_labels, counts)["balanced_acc"]
+    assert balanced(1.0) > balanced(0.0) + 0.03
+
+
 def test_long_tail_metrics_against_hand_computed_values():
     counts = [150, 50, 10, 5]  # many: 0; medium: 1; few: 2, 3. Head: 0, 1; middle: 2; tail: 3
     targets = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3]
@@ -326,43 +373,45 @@ def test_long_tail_metrics_against_hand_computed_values():
     m = scilt.long_tail_metrics([0, 1, 1], [0, 1, 2], [60, 30, 3])
     assert m["many"] is None and m["medium"] == 1.0 and m["few"] == 0.0
     assert m["per_class_acc"] == {"0": 1.0, "1": 1.0, "2": 0.0}
+    # the group boundaries: many > 100, medium 20..100 (both ends included), few < 20
+    m = scilt.long_tail_metrics([0, 1, 0, 3, 0], [0, 1, 2, 3, 4], [101, 100, 20, 19, 1000])
+    assert (m["many"], m["medium"], m["few"]) == (0.5, 0.5, 1.0)
     # a class absent from the test labels has no accuracy and does not count in the means
     m = scilt.long_tail_metrics([0, 0], [0, 0], [200, 10])
     assert m["per_class_acc"]["1"] is None and m["balanced_acc"] == 1.0 and m["few"] is None
 
 
-def test_rademacher_estimate_and_bound():
-    h = torch.randn(200, 16) + 3.0  # correlated features: the estimate sits well under the bound
-    (estimate, error), bound = scilt.rademacher_complexity(h, 2.0), scilt.rademacher_bound(h, 2.0)
-    assert 0 < estimate < bound and 0 < error < 0.05 * estimate
-    # orthonormal features: |sum sigma_i h_i| = sqrt(n) for every sigma, so the estimate IS the bound
+def test_rademacher_draws_estimate_the_complexity_under_its_bound():
+    h = torch.randn(200, 16) + 3.0  # correlated features: the estimate sits under the closed bound
+    sups = scilt.rademacher_draws(h, 2.0)
+    bound = 2.0 / 200 * h.double().pow(2).sum().sqrt()  # (B / n) sqrt(sum_i |h_i|^2), Jensen
+    assert sups.shape == (1000,) and 0.75 * bound < sups.mean() < 0.9 * bound  # nearly alike: near sqrt(2/pi)
+    # orthonormal features: |sum sigma_i h_i| = sqrt(n) for every sigma, so every draw IS the bound
     q = torch.linalg.qr(torch.randn(32, 32))[0]
-    estimate, error = scilt.rademacher_complexity(q)
-    assert estimate == pytest.approx(scilt.rademacher_bound(q)) == pytest.approx(1 / math.sqrt(32))
-    assert error == pytest.approx(0, abs=1e-8)  # the same value for every draw, up to float32 rounding
-    # linear in the scale of the features (same draws) and in the norm bound
-    assert scilt.rademacher_complexity(3 * h)[0] == pytest.approx(3 * scilt.rademacher_complexity(h)[0])
-    assert scilt.rademacher_complexity(h, 5.0)[0] == pytest.approx(5 * scilt.rademacher_complexity(h)[0])
-    a = torch.tensor([0.2, 0.3, 0.4])  # learned fusion weights: the mean class mixes 0.3 pen + 0.7 fin
-    check = scilt.rademacher_check(h, torch.randn(200, 16), a)
-    pen, fin = check["penultimate"], check["final"]
-    for key in ("estimate", "bound"):
-        assert check["sum"][key] == pytest.approx(pen[key] + fin[key])
-        assert check["fused"][key] == pytest.approx(0.3 * pen[key] + 0.7 * fin[key])
-    assert check["holds"] and check["n"] == 200
-    # the cosine heads see unit features: each level's bound is scale / sqrt(n), for the heads' scale
-    assert fin["bound"] == pytest.approx(scilt.COSINE_SCALE / math.sqrt(200))
-    assert scilt.rademacher_check(h, h, a, scale=7.0)["final"]["bound"] == pytest.approx(7 / math.sqrt(200))
+    torch.testing.assert_close(scilt.rademacher_draws(q, 1.0), torch.full((1000,), 1 / math.sqrt(32), dtype=torch.float64))
+    # linear in the features and in the norm bound, draw by draw (the same sigmas)
+    torch.testing.assert_close(scilt.rademacher_draws(3 * h, 5.0), 15 * sups / 2.0)
 
 
-def test_rademacher_check_is_not_fooled_by_monte_carlo_noise():
-    """Near-orthogonal unit features (n = 16, D = 4096): the true complexity sits a hair under the bound,
-    so a bare `estimate <= bound` fails on about 40% of samples. Judged within 3 standard errors, a
-    one-sided test that errs about once in 700 comparisons, it holds."""
-    held = [scilt.rademacher_check(torch.randn(16, 4096, generator=torch.Generator().manual_seed(seed)),
-                                   torch.randn(16, 4096, generator=torch.Generator().manual_seed(1000 + seed)),
-                                   torch.full((3,), 0.5))["holds"] for seed in range(200)]
-    assert sum(held) >= 198
+def test_rademacher_check_pairs_the_levels_and_reports_fractions_of_the_bound():
+    n = 500
+    same = torch.randn(1, 8).repeat(n, 1)  # identical features: |sum sigma_i h| = |sum sigma_i| |h|
+    check = scilt.rademacher_check(same, same, torch.tensor([0.2, 0.4]), scale=7.0)
+    level, total = check["final"], check["sum"]
+    assert level["bound"] == pytest.approx(7 / math.sqrt(n)) and total["bound"] == pytest.approx(14 / math.sqrt(n))
+    assert level["fraction"] == pytest.approx(math.sqrt(2 / math.pi), abs=0.05)  # E|sum sigma_i| ~ sqrt(2n/pi)
+    # the sum class from the same draws: twice a level's estimate AND twice its standard error (paired
+    # draws move together), not sqrt(2) times as for independent estimates
+    assert total["estimate"] == pytest.approx(2 * level["estimate"])
+    assert total["stderr"] == pytest.approx(2 * level["stderr"])
+    # orthogonal features: the estimate is its bound; the fused class with the mean class's a = 0.3
+    q = torch.linalg.qr(torch.randn(64, 64))[0]
+    check = scilt.rademacher_check(q, torch.randn(64, 64), torch.tensor([0.2, 0.4]), scale=7.0)
+    assert check["penultimate"]["fraction"] == pytest.approx(1.0) and check["penultimate"]["stderr"] < 1e-8
+    pen, fin = check["penultimate"]["estimate"], check["final"]["estimate"]
+    assert check["fused"]["estimate"] == pytest.approx(0.3 * pen + 0.7 * fin)
+    assert check["sum"]["estimate"] == pytest.approx(check["penultimate"]["estimate"] + check["final"]["estimate"])
+    assert check["n"] == 64 and check["scale"] == 7.0 and check["mean_a"] == pytest.approx(0.3)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
