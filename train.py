@@ -29,6 +29,9 @@ from torch.utils.data import DistributedSampler, Subset
 import scilt
 from data import AUGMENTS, DataError, Loader, load_data, write_splits
 
+# ----------------------------------------------------------------------------------------------------
+# Settings: what flags left out become, and the recipe's constants, all in one place.
+
 # The embedded default's backbone: a 6-block ViT on 32 x 32 images (8 x 8 patches of 4 px). Its weights,
 # tiny_vit.safetensors, are a stand-in foundation model, made by tests/pretrain_tiny.py: pretrained on 14
 # synthetic cell types that the benchmark's 10 classes are not among. --no-pretrained starts it at random
@@ -44,8 +47,15 @@ DEFAULTS = {  # what flags left out become, for the tiny ViT on a CPU and for a 
     "vit": dict(epochs=20, batch_size=64, lr=1e-3, img_size=224),
     "natural": dict(epochs=10, batch_size=128, lr=1e-3, img_size=224),  # LIFT: 10 epochs of batch 128
 }
-WARMUP_FRACTION, WEIGHT_DECAY = 0.05, 1e-2
-GATE_LR_SCALE = 30  # the gate's learning rate / the others': AdamW moves a parameter ~lr per step
+WARMUP_FRACTION = 0.05   # of all steps: linear warm-up, then cosine decay to 0
+WEIGHT_DECAY = 1e-2      # AdamW's, on LoRA and the heads; none on the gate
+GATE_LR_SCALE = 30       # the gate's learning rate / the others': AdamW moves a parameter ~lr per step
+TAU = 1.0                # logit adjustment: LA(z, y) = CE(z + tau * log prior, y)
+AUX_WEIGHT = 0.5         # lambda of the dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2))
+PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # the step-0 linear probe's, chosen on val
+# flags a checkpoint must agree with on --resume (all) and --eval-only (what makes the model)
+MODEL_FLAGS = ("data", "model", "pretrained", "method", "fusion", "lora_rank", "img_size", "imbalance_ratio")
+SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
 
 
 class Abort(Exception):
@@ -103,7 +113,8 @@ def parse_args(argv=None):
     return args
 
 
-def create_backbone(args):
+def load_backbone(args):
+    """The backbone the flags name, through scilt.create_backbone; one line (Abort) if it cannot be had."""
     if args.model == "tiny":  # its pretrained weights ship with this repository: nothing to download
         weights = args.weights or (TINY_WEIGHTS if args.pretrained else None)
         kwargs = dict(TINY, img_size=args.img_size, pretrained=False, weights=weights)
@@ -239,30 +250,27 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and the report.
 
-PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
-HEAD_KEYS = ("overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle", "tail")
-
-
 def head_metrics(scores, labels, counts, classes=None):
+    """A head's row of the report: scilt.long_tail_metrics of its argmax."""
     return scilt.long_tail_metrics(scores.argmax(1).numpy(), labels.numpy(), counts, classes)
 
 
 def fit_probe(train_h, train_labels, val_h, val_labels, counts):
     """The linear probe (scilt.linear_probe) with its weight decay chosen by val balanced accuracy."""
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts))
-    probes = [scilt.linear_probe(train_h, train_labels, log_prior, weight_decay=decay) for decay in PROBE_WEIGHT_DECAYS]
+    probes = [scilt.linear_probe(train_h, train_labels, log_prior, TAU, decay) for decay in PROBE_WEIGHT_DECAYS]
     if len(val_labels) == 0:
         return probes[len(probes) // 2]
     return max(probes, key=lambda probe: head_metrics(probe(val_h), val_labels, counts)["balanced_acc"])
 
 
-def start_metrics(train, val, test, counts, groups):
+def start_metrics(train, val, test, counts, groups, classes):
     """The model at step 0 (class-mean heads on the pretrained features, fused as the method fuses them)
     and a linear probe on the pretrained final-layer features: the two bars training must clear. `groups`:
     the counts that define many / medium / few."""
     no_val = torch.zeros(0, dtype=torch.long)
     probe = fit_probe(train["h_fin"], train["labels"], val.get("h_fin"), val.get("labels", no_val), counts)
-    return {name: {k: v for k, v in head_metrics(scores, test["labels"], groups).items() if k in HEAD_KEYS}
+    return {name: head_metrics(scores, test["labels"], groups, classes)
             for name, scores in (("start", test["logits"]), ("probe", probe(test["h_fin"])))}
 
 
@@ -293,9 +301,8 @@ def analyze(backbone, data, args, device, log):
         h = {name: s["h"][:, block] for name, s in sets.items()}
         means = scilt.CosineClassifier(h["train"].shape[1], len(counts)).set_class_means(h["train"], sets["train"]["labels"])
         probe = fit_probe(h["train"], sets["train"]["labels"], h["val"], sets["val"]["labels"], counts)
-        layers.append({"block": block + 1, **{name: {k: v for k, v in head_metrics(
-            scores, sets["test"]["labels"], groups).items() if k in HEAD_KEYS}
-            for name, scores in (("ncm", means(h["test"])), ("probe", probe(h["test"])))}})
+        layers.append({"block": block + 1, **{name: head_metrics(scores, sets["test"]["labels"], groups, data.classes)
+                                              for name, scores in (("ncm", means(h["test"])), ("probe", probe(h["test"])))}})
         log(f"block {block + 1}/{len(backbone.blocks)}: class means {100 * layers[-1]['ncm']['balanced_acc']:.1f}%, "
             f"probe {100 * layers[-1]['probe']['balanced_acc']:.1f}% balanced accuracy")
     return layers
@@ -323,6 +330,28 @@ def print_layers(layers):
 
 
 
+def plot_layers(layers, path):
+    """layers.png: balanced and tail accuracy of each block's frozen features, class means and probe."""
+    plt = pyplot()
+    tail = "few" if all(layer["ncm"]["few"] is not None for layer in layers) else "tail"
+    blocks = [layer["block"] for layer in layers]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, color in (("ncm", "tab:blue"), ("probe", "tab:orange")):
+        for key, style in (("balanced_acc", "-"), (tail, "--")):
+            ax.plot(blocks, [100 * (layer[kind][key] or 0) for layer in layers], style, color=color, marker="o",
+                    label=f"{'class means' if kind == 'ncm' else 'linear probe'}: {key.removesuffix('_acc')}")
+    ax.axvline(blocks[-2], color="0.7", lw=0.8)  # the penultimate block
+    ax.set(xlabel="block (frozen features)", ylabel="test accuracy (%)", xticks=blocks,
+           title="which block's features serve which classes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report: metrics.json, the printed table and report.png.
+
 @torch.no_grad()
 def class_fusion_weights(model, train):
     """a per class; for a per-sample gate, each class's mean a over its training images."""
@@ -334,8 +363,12 @@ def class_fusion_weights(model, train):
 
 
 def report(model, test, val, train, classes, counts, groups, before):
-    """metrics.json: fused-prediction metrics, each head's, what each level does per class, the check.
-    `groups`: the counts that define many / medium / few."""
+    """metrics.json, accuracies as fractions: the fused prediction's `overall_acc`, `balanced_acc`,
+    `macro_f1`, `many` / `medium` / `few` (by `groups`, the counts that define them), `head` / `middle` /
+    `tail` (by rank) and `per_class_acc`; `heads`: the same for `start` (step 0), `probe`, `penultimate`,
+    `final` and `fused` (None for a head the method lacks); `class_counts`; `fusion_weights` (class -> a);
+    `fusion_val_correlation` (over classes, of a with the penultimate head's val gain over the final's);
+    `rademacher` (scilt.rademacher_check on the training sample, with its balanced accuracy and the gap)."""
     heads = {name: head_metrics(test[key], test["labels"], groups, classes)
              for name, key in (("fused", "logits"), ("final", "s2"), ("penultimate", "s1")) if key in test}
     a = class_fusion_weights(model, train)
@@ -351,8 +384,7 @@ def report(model, test, val, train, classes, counts, groups, before):
     return {
         **heads["fused"],
         "class_counts": dict(zip(classes, counts)),
-        "heads": {**before, **{name: ({k: heads[name][k] for k in HEAD_KEYS} if name in heads else None)
-                               for name in ("penultimate", "final", "fused")}},
+        "heads": {**before, **{name: heads.get(name) for name in ("penultimate", "final", "fused")}},
         "fusion_weights": dict(zip(classes, a.tolist())),
         "fusion_val_correlation": correlation,
         "rademacher": rademacher,
@@ -375,14 +407,52 @@ def print_report(metrics):
         print(f"correlation on val between a and (penultimate - final head accuracy) per class: "
               f"{metrics['fusion_val_correlation']:+.2f}")
     r = metrics["rademacher"]
-    print(f"\nRademacher check on the {r['n']} training images (unit features, |w| <= {r['scale']:.3g}; "
-          "estimate ± s.e. <= bound): " + ", ".join(
-              f"{k} {r[k]['estimate']:.3f}±{r[k]['stderr']:.3f} <= {r[k]['bound']:.3f}"
-              for k in ("penultimate", "final", "sum", "fused")) + f": {'holds' if r['holds'] else 'VIOLATED'}")
+    print(f"\nRademacher complexity on the {r['n']} training images, |w| <= t = {r['scale']:.3g}; its bound "
+          f"t/sqrt(n) = {r['final']['bound']:.3f} per level (2t/sqrt(n) for the sum) is fixed by n and t:\n  " + ", ".join(
+              f"{k} {r[k]['estimate']:.3f} ± {r[k]['stderr']:.3f} ({r[k]['fraction']:.2f} of its bound)"
+              for k in ("penultimate", "final", "sum", "fused")))
+    print("  (the fraction says how diverse the training features are: 0.80 if all alike, 1 if orthogonal)")
     print(f"train - test balanced accuracy gap: {percent(r['train_balanced_acc']).strip()}% - "
           f"{percent(metrics['balanced_acc']).strip()}% = {100 * r['gap']:.1f} points")
     print(f"balanced accuracy {percent(metrics['balanced_acc']).strip()}%, macro-F1 "
           f"{percent(metrics['macro_f1']).strip()}%")
+
+
+def pyplot():
+    import matplotlib  # only here: nothing else needs it
+    matplotlib.use("Agg")  # to files, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_report(metrics, path):
+    """report.png: each class's test accuracy against its training count, one series per head (where the
+    tail gains or loses), and each class's fusion weight a (1: leans on the penultimate layer)."""
+    plt = pyplot()
+    classes, counts = list(metrics["class_counts"]), np.array(list(metrics["class_counts"].values()))
+    order = np.argsort(-counts, kind="stable")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw=dict(width_ratios=(2, 1)))
+    styles = {"start": dict(color="0.6", marker="o", ms=3), "probe": dict(color="k", ls="--", marker="x"),
+              "final": dict(color="tab:blue", marker="s", ms=3), "penultimate": dict(color="tab:green", marker="^", ms=3),
+              "fused": dict(color="tab:red", marker="o", lw=2)}
+    for name, style in styles.items():
+        if metrics["heads"].get(name):
+            head = metrics["heads"][name]
+            accuracy = [head["per_class_acc"][classes[k]] for k in order]
+            left.plot(counts[order], [np.nan if a is None else 100 * a for a in accuracy], **style,
+                      label=f"{name} ({100 * head['balanced_acc']:.1f})")
+    for boundary in (20, 100):  # few | medium | many
+        left.axvline(boundary, color="0.85", ls=":")
+    left.set(xscale="log", xlabel="training images of the class (log scale)", ylabel="test accuracy (%)",
+             title="per-class test accuracy (legend: balanced accuracy)")
+    left.legend(fontsize=8)
+    right.scatter(counts, [metrics["fusion_weights"][c] for c in classes], color="tab:purple")
+    right.axhline(0.5, color="0.6", lw=0.8)
+    right.set(xscale="log", ylim=(-0.05, 1.05), xlabel="training images of the class (log scale)",
+              ylabel="a (1: penultimate, 0: final)", title="fusion weight per class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -417,14 +487,18 @@ def load_checkpoint(path, classes):
 
 
 def restore(model, optimizer, checkpoint, path, args):
-    expected = {k: v.shape for k, v in trainable_state(model).items()}
-    if {k: v.shape for k, v in checkpoint["model"].items()} != expected:
-        was = checkpoint["args"]
-        flags = lambda a: f"--model {a['model']} --method {a['method']} --lora-rank {a['lora_rank']}"
-        raise Abort(f"checkpoint {path} holds another model: it was trained with {flags(was)}, this run "
-                    f"asks for {flags(vars(args))}")
+    """Load a checkpoint into the model (and optimizer) after checking that this run's flags are the ones it
+    was trained with: what makes the model, and on --resume what shapes the learning-rate schedule."""
+    flags = MODEL_FLAGS + (() if args.eval_only else SCHEDULE_FLAGS)
+    was, asked = checkpoint["args"], vars(args)
+    differ = [flag for flag in flags if was.get(flag) != asked[flag]]
+    if differ:
+        show = lambda values: " ".join(f"--{flag.replace('_', '-')} {values.get(flag)}" for flag in differ)
+        raise Abort(f"checkpoint {path} was trained with {show(was)}, but this run asks for {show(asked)}: "
+                    "pass the flags it was trained with, or another --out")
     model.load_state_dict(checkpoint["model"], strict=False)
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if not args.eval_only:
+        optimizer.load_state_dict(checkpoint["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -451,16 +525,17 @@ def run(args):
     if rank == 0 and world > 1:
         dist.barrier()
     if args.analyze:
-        layers = analyze(create_backbone(args), data, args, device, log)
+        layers = analyze(load_backbone(args), data, args, device, log)
         if rank == 0:
             print_layers(layers)
             out.mkdir(parents=True, exist_ok=True)
             save_atomically(layers, out / "layers.json", text=True)
-            log(f"wrote {out / 'layers.json'}")
+            plot_layers(layers, out / "layers.png")
+            log(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
         return out
     checkpoint = load_checkpoint(checkpoint_path, data.classes) if continuing else None
-    model = scilt.SciLT(create_backbone(args), data.class_counts, method=args.method, fusion=args.fusion,
-                        rank=args.lora_rank, alpha=float(args.lora_rank)).to(device)
+    model = scilt.SciLT(load_backbone(args), data.class_counts, method=args.method, fusion=args.fusion,
+                        rank=args.lora_rank, tau=TAU, aux_weight=AUX_WEIGHT).to(device)
     trainable, total = scilt.count_parameters(model)
     log(f"{args.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
         f"{len(data.classes)} classes, training counts {max(data.class_counts)}..{min(data.class_counts)}")
@@ -482,7 +557,7 @@ def run(args):
         train = predict(model, train_eval_loader, device)
         model.init_heads(train["h_pen"].to(device), train["h_fin"].to(device), train["labels"].to(device))
         before = start_metrics(train, predict(model, val_loader, device), predict(model, test_loader, device),
-                               data.class_counts, data.group_counts)
+                               data.class_counts, data.group_counts, data.classes)
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, train_seconds=0.0, best=None, before=before)
         log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale fitted "
             f"to {model.scale:.3g}), linear probe on frozen features {100 * before['probe']['balanced_acc']:.1f}% "
@@ -503,7 +578,8 @@ def run(args):
                        method=args.method, best_epoch=state["best_epoch"], epochs=state["epoch"], args=vars(args))
         print_report(metrics)
         save_atomically(metrics, out / "metrics.json", text=True)
-        log(f"wrote {out / 'metrics.json'}, {checkpoint_path}, {out / 'splits.csv'}")
+        plot_report(metrics, out / "report.png")
+        log(f"wrote {out / 'metrics.json'}, {out / 'report.png'}, {checkpoint_path}, {out / 'splits.csv'}")
     return out
 
 
