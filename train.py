@@ -225,6 +225,12 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
     return time.time() - started
 
 
+def val_score(model, val_loader, counts, device):
+    """What picks the epoch a run keeps: the fused prediction's balanced accuracy on val."""
+    val = predict(model, val_loader, device)
+    return head_metrics(val["logits"], val["labels"], counts)["balanced_acc"]
+
+
 def train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path):
     """From state["epoch"] to args.epochs: train, keep the epoch that does best on val (the last one if there
     is no val image), save a checkpoint after each epoch."""
@@ -237,8 +243,7 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
         state["epoch"] = epoch + 1
         score = 0.0
         if len(data.val):
-            val = predict(model, val_loader, device)
-            score = head_metrics(val["logits"], val["labels"], data.class_counts)["balanced_acc"]
+            score = val_score(model, val_loader, data.class_counts, device)
             log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% (best {100 * max(score, state['best_val']):.1f}%)")
         if score > state["best_val"] or not len(data.val):
             state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))

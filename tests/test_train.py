@@ -1,7 +1,10 @@
 """train.py end to end on the embedded default at a reduced size (16 px images, one or two epochs)."""
+import argparse
 import io
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -330,3 +333,67 @@ def test_analysis_table_marks_the_best_block_per_column(capsys):
     assert rows["3"][0] == "70.0*" and rows["2"][0] == "60.0" and rows["2"][3] == "50.0*"
     assert rows["2"][4] == "70.0*" and rows["2"][7] == "60.0*" and rows["3"][7] == "30.0"
     assert rows["1"][1] == "50.0*"  # ties are all marked
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_zero():
+    args = argparse.Namespace(lr=2.0)
+    lr = lambda step: train.get_lr(step, 105, args)  # warm-up: round(0.05 * 105) = 5 steps
+    assert [lr(step) for step in range(5)] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
+    assert lr(5) == pytest.approx(2.0) and lr(55) == pytest.approx(1.0)  # half way through the decay: lr / 2
+    assert lr(104) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 99 / 100))) and lr(104) < 1e-3
+
+
+def test_the_epoch_best_on_val_is_the_one_evaluated(tmp_path, monkeypatch):
+    """Val peaks at epoch 1 of 2: the run keeps epoch 1, and its test metrics are that epoch's model's."""
+    scores = iter([0.9, 0.1])
+    monkeypatch.setattr(train, "val_score", lambda *args: next(scores))
+    save, first = train.save_atomically, tmp_path / "epoch1"
+
+    def keep_first_checkpoint(obj, path, text=False):
+        save(obj, path, text)
+        if not first.exists():  # the checkpoint written after epoch 1, kept as it was
+            first.mkdir()
+            shutil.copy(path, first / "checkpoint.pt")
+
+    monkeypatch.setattr(train, "save_atomically", keep_first_checkpoint)
+    two = ("--img-size", "16", "--epochs", "2")
+    metrics = run(*two, "--out", str(tmp_path / "run"))
+    assert metrics["best_epoch"] == 1 and metrics["epochs"] == 2
+    shutil.copy(tmp_path / "run" / "splits.csv", first / "splits.csv")
+    epoch1 = run(*two, "--out", str(first), "--eval-only")
+    assert epoch1["per_class_acc"] == metrics["per_class_acc"] and epoch1["heads"] == metrics["heads"]
+
+
+def test_probe_weight_decay_is_the_best_on_val():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 64, generator=generator)
+    sample = lambda n: (lambda y: (centres[y] + 3 * torch.randn(len(y), 64, generator=generator), y))(
+        torch.arange(4).repeat(n))
+    (h, y), (val_h, val_y) = sample(6), sample(40)
+    counts = [6] * 4
+    log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / 24)
+    scores = [train.head_metrics(scilt.linear_probe(h, y, log_prior, train.TAU, decay)(val_h), val_y, counts)["balanced_acc"]
+              for decay in train.PROBE_WEIGHT_DECAYS]
+    assert len(set(scores)) > 1  # the decay matters on these features
+    best = train.PROBE_WEIGHT_DECAYS[scores.index(max(scores))]
+    chosen = train.fit_probe(h, y, val_h, val_y, counts)(val_h)
+    torch.testing.assert_close(chosen, scilt.linear_probe(h, y, log_prior, train.TAU, best)(val_h))
+
+
+def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gain():
+    """CIFAR-100-LT's many / medium / few come from its r = 100 counts whatever the training counts are;
+    and a class whose gate leans on the penultimate layer where that head does better correlates +."""
+    model = scilt.SciLT(tiny_vit(), [200, 50, 5])
+    with torch.no_grad():
+        model.gate.copy_(torch.tensor([2.0, 0.0, -2.0]))  # a = 0.88, 0.5, 0.12
+    one_hot = lambda predicted: 5 * torch.nn.functional.one_hot(torch.tensor(predicted), 3).float()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    test = dict(logits=one_hot([0, 0, 1, 1, 0, 0]), s1=one_hot([0, 0, 1, 1, 0, 0]), s2=one_hot([0, 0, 1, 1, 0, 0]),
+                labels=labels)
+    # on val the penultimate head is right on class 0 and wrong on class 2, the final head the reverse
+    val = dict(s1=one_hot([0, 0, 1, 1, 0, 0]), s2=one_hot([1, 1, 1, 1, 2, 2]), logits=one_hot([0, 0, 1, 1, 2, 2]),
+               labels=labels)
+    train_set = dict(h_pen=torch.randn(6, 48), h_fin=torch.randn(6, 48), logits=test["logits"], labels=labels)
+    report = train.report(model, test, val, train_set, ["a", "b", "c"], [200, 50, 5], [5, 50, 200], {})
+    assert (report["many"], report["medium"], report["few"]) == (0.0, 1.0, 1.0)  # by [5, 50, 200]
+    assert report["fusion_val_correlation"] == pytest.approx(1.0)
