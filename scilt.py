@@ -3,15 +3,16 @@
 Reimplements "Long-Tailed Classification in Scientific Image Domains" (Chen & Su, arXiv 2604.03687):
 a frozen vision foundation model (any timm ViT), LoRA adapters written from scratch, a cosine classifier
 on the penultimate block's features (s_1) and one on the final block's (s_2), a learned per-class gate
-that fuses them, dual supervision with logit-adjusted cross-entropy, long-tail metrics, a linear probe
-baseline, and a Rademacher sanity check of the hypothesis class F_SciLT = F_{N-1} + F_N. The paper's
-equations are not public: where this file fixes a detail (cosine heads, the gate, logit adjustment,
-lambda), it is our reading, and the README says which parts are which.
+that fuses them, dual supervision with logit-adjusted cross-entropy, long-tail metrics, and a Rademacher
+sanity check of the hypothesis class F_SciLT = F_{N-1} + F_N. The paper's equations are not public:
+where this file fixes a detail (cosine heads, the gate, logit adjustment, lambda), it is our reading,
+and the README says which parts are which.
 
 Follows: LoRA (Hu et al. 2021; microsoft/LoRA loralib), logit adjustment (Menon et al. 2021), Rademacher
-complexity of sums of classes (Bartlett & Mendelson 2002). Depends on torch, and on timm only in
-create_backbone(); copy this one file into another project and it works.
+complexity of sums of classes (Bartlett & Mendelson 2002). Depends on torch, and on timm (and its
+safetensors) only to build or load a model; copy this one file into another project and it works.
 """
+import json
 import math
 import os
 from typing import NamedTuple, Optional
@@ -80,11 +81,8 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank=8, alpha=None, targets=("qkv", "proj"), dropout=0.0):
-    """Wrap every nn.Linear in `model.blocks` whose last name component is in `targets`; freeze the rest.
-
-    Returns how many layers were wrapped. Default targets are the attention's `qkv` and `proj`; the MLP's
-    `fc1` and `fc2` may be added.
-    """
+    """Wrap every nn.Linear in `model.blocks` whose last name is in `targets` (the attention's `qkv` and
+    `proj`; the MLP's `fc1`, `fc2` may be added); freeze the rest. Returns how many were wrapped."""
     model.requires_grad_(False)
     found = [(block, name) for block in model.blocks for name, module in block.named_modules()
              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
@@ -116,12 +114,9 @@ def unmerge_lora(model):
 
 def tap(backbone, x, blocks=(-2, -1)):
     """ONE pass through the blocks: h_l = pool(norm(z_l)), (B, C), for each of `blocks` (0-based, in block
-    order); by default h_pen = pool(norm(z_{N-1})) and h_fin = pool(norm(z_N)).
-
-    `norm` and `pool` are the backbone's own (final norm; CLS token, average or attention pooling). timm's
-    forward_intermediates runs every block once and hands back each norm(z_l) split into spatial and
-    prefix (CLS, register) tokens, which go back together before pooling. Nothing is kept between calls.
-    """
+    order); by default h_pen = pool(norm(z_{N-1})) and h_fin = pool(norm(z_N)). `norm` and `pool` are the
+    backbone's own; timm's forward_intermediates hands back each norm(z_l) split into spatial and prefix
+    (CLS, register) tokens, which go back together before pooling. Nothing is kept between calls."""
     prefix = backbone.num_prefix_tokens > 0
     levels = backbone.forward_intermediates(x, indices=[b % len(backbone.blocks) for b in blocks], norm=True,
                                             output_fmt="NLC", return_prefix_tokens=prefix, intermediates_only=True)
@@ -163,8 +158,7 @@ class SciLT(nn.Module):
     method: "scilt" (both heads, fused), "final" (final-layer head only: the standard PEFT long-tail
     baseline) or "penultimate" (penultimate-layer head only). fusion: "class" (a_k = sigmoid(g_k), learned),
     "fixed" (a = 1/2) or "sample" (a_k(x) = sigmoid(V_k [h_pen/|h_pen|, h_fin/|h_fin|] + c_k), learned: the
-    weights then depend on the image, and the fused class leaves F_{N-1} + F_N).
-    """
+    weights then depend on the image, and the fused class leaves F_{N-1} + F_N)."""
 
     def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", rank=8, alpha=None,
                  targets=("qkv", "proj"), tau=1.0, aux_weight=0.5):
@@ -211,8 +205,7 @@ class SciLT(nn.Module):
         return torch.full((len(self.log_prior),), a, device=self.log_prior.device)
 
     @property
-    def scale(self):
-        """The heads' cosine scale (a temperature, shared by both heads)."""
+    def scale(self):  # the heads' cosine scale: a temperature, shared by both heads
         return (self.classifier1 if self.classifier1 is not None else self.classifier2).scale.item()
 
     def gate_parameters(self):
@@ -260,43 +253,14 @@ class SciLT(nn.Module):
 
 
 def logit_adjusted_loss(logits, target, log_prior, tau=1.0):
-    """LA(z, y) = CE(z + tau * log(prior), y) (Menon et al. 2021), prior = training class frequencies.
-
-    Adding the log prior during training makes the plain argmax of z balanced at test time.
-    """
+    """LA(z, y) = CE(z + tau * log(prior), y) (Menon et al. 2021), prior = training class frequencies:
+    adding the log prior during training makes the plain argmax of z balanced at test time."""
     return F.cross_entropy(logits.float() + tau * log_prior, target)
 
 
 def count_parameters(model):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------------------------------
-# The baseline every fine-tuning must beat: a linear probe on frozen features.
-
-def linear_probe(features, labels, log_prior, tau=1.0, weight_decay=1e-4, steps=200):
-    """Logit-adjusted softmax regression on frozen features (standardised), fit to convergence by full-
-    batch L-BFGS. Returns a function features -> logits. The adjustment makes its argmax balanced, as the
-    heads' loss does, so that its balanced accuracy is a fair bar for them."""
-    x = torch.as_tensor(features, dtype=torch.float64)
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    x = (x - mean) / std
-    weight = torch.zeros(x.shape[1], len(log_prior), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(len(log_prior), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                  history_size=20, line_search_fn="strong_wolfe")
-    labels, log_prior = torch.as_tensor(labels), torch.as_tensor(log_prior, dtype=torch.float64)
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias + tau * log_prior, labels) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    weight, bias = weight.detach(), bias.detach()
-    return lambda h: ((torch.as_tensor(h, dtype=torch.float64) - mean) / std) @ weight + bias
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -312,12 +276,10 @@ def long_tail_metrics(preds, targets, class_counts, class_names=None):
     head / middle / tail by frequency rank (thirds); a group is the mean of its classes' accuracies, and an
     empty group (or a class absent from `targets`) is None. Balanced accuracy is the mean per-class recall
     over the classes present; macro-F1 averages 2TP / (2TP + FP + FN) over classes seen in either."""
-    preds, targets = np.asarray(preds), np.asarray(targets)
-    counts = np.asarray(class_counts)
-    num_classes = len(counts)
-    names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
+    preds, targets, counts = np.asarray(preds), np.asarray(targets), np.asarray(class_counts)
+    names = list(class_names) if class_names is not None else [str(k) for k in range(len(counts))]
     per_class, f1 = [], []
-    for k in range(num_classes):
+    for k in range(len(counts)):
         is_k, said_k = targets == k, preds == k
         hits = int((is_k & said_k).sum())
         per_class.append(hits / int(is_k.sum()) if is_k.any() else None)
@@ -341,10 +303,9 @@ def long_tail_metrics(preds, targets, class_counts, class_names=None):
 # Rademacher sanity check of F_SciLT = F_{N-1} + F_N.
 
 def rademacher_draws(features, bound, draws=1000, seed=0):
-    """For each of `draws` draws of sigma (n,) in {-1, 1}: the supremum over {h -> <w, h> : |w| <= bound} of
-    (1/n) sum_i sigma_i <w, h_i>, which is (bound / n) |sum_i sigma_i h_i|. Returns (draws,) float64; their
-    mean estimates the empirical Rademacher complexity on the sample `features` (n, D). The same seed gives
-    the same sigmas, so that draws pair across feature sets. Chunked: memory stays O(n) per 10^7 signs."""
+    """Per draw of sigma in {-1, 1}^n: sup over {h -> <w, h> : |w| <= bound} of (1/n) sum_i sigma_i <w, h_i>
+    = (bound / n) |sum_i sigma_i h_i|, (draws,); their mean estimates the empirical Rademacher complexity on
+    `features` (n, D). One seed, the same sigmas: draws pair across feature sets. 10^7 signs at a time."""
     h = torch.as_tensor(features, dtype=torch.float64)
     generator, chunk, sups = torch.Generator().manual_seed(seed), max(1, 10**7 // len(h)), []
     for start in range(0, draws, chunk):
@@ -354,14 +315,13 @@ def rademacher_draws(features, bound, draws=1000, seed=0):
 
 
 def rademacher_check(h_pen, h_fin, fusion_weights, scale, draws=1000, seed=0):
-    """The complexity of what the heads compute, on the TRAINING sample (the sample a generalisation bound
-    is about). A cosine head scores <w, h/|h|> with |w| = scale. Per level, F_l = {h -> <w, h/|h|>}; the
-    sum class F_{N-1} + F_N, whose supremum splits per level, is measured from the same (paired) sigmas as
-    one Monte-Carlo average with its own standard error (R(F + G) <= R(F) + R(G): Bartlett & Mendelson
-    2002, with equality here); `fused` is a F_{N-1} + (1 - a) F_N for the mean class's learned a. The
-    closed bound (Jensen) is scale / sqrt(n) per level for unit features, whatever they are: n and the
-    scale fix it, so it is no test. The estimate's `fraction` of it lies between sqrt(2/pi) = 0.80
-    (identical features) and 1 (orthogonal ones): it says how diverse the training features are."""
+    """The complexity of what the heads compute, F_l = {h -> <w, h/|h|> : |w| <= scale}, on the TRAINING
+    sample (what a generalisation bound is about). The sum class F_{N-1} + F_N (R(F + G) <= R(F) + R(G),
+    Bartlett & Mendelson 2002; equal here, the supremum splits) is one average over the same, paired
+    sigmas, with its own standard error; `fused` is a F_{N-1} + (1 - a) F_N for the mean class's a. The
+    closed bound (Jensen), scale / sqrt(n) per level for unit features, is fixed by n and the scale: no
+    test. An estimate's `fraction` of it, from sqrt(2/pi) = 0.80 (identical features) to 1 (orthogonal
+    ones), says how diverse the training features are."""
     unit = lambda h: F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
     pen, fin = (rademacher_draws(unit(h), scale, draws, seed) for h in (h_pen, h_fin))
     a = torch.as_tensor(fusion_weights, dtype=torch.float64).mean().item()
@@ -371,6 +331,38 @@ def rademacher_check(h_pen, h_fin, fusion_weights, scale, draws=1000, seed=0):
     check = {name: {"estimate": sups.mean().item(), "stderr": sups.std().item() / math.sqrt(draws),
                     "bound": limit, "fraction": sups.mean().item() / limit} for name, (sups, limit) in classes.items()}
     return {**check, "n": len(h_pen), "scale": float(scale), "mean_a": a}
+
+
+# ----------------------------------------------------------------------------------------------------
+# One file for inference: the backbone with LoRA merged in, the heads and the gate.
+
+def export(model, path, /, **metadata):
+    """Write `model` to one .safetensors file: the backbone with LoRA merged in, under timm's own names
+    after `backbone.` (timm alone loads it), then the heads and the gate. `metadata` (name -> anything
+    JSON can hold) must name the timm `model` and its `model_kwargs`, as load_exported() builds it."""
+    from safetensors.torch import save_file
+
+    merge_lora(model)
+    state = {name.replace(".base.", "."): tensor.detach().cpu().clone().contiguous()
+             for name, tensor in model.state_dict().items() if ".lora_" not in name}
+    unmerge_lora(model)
+    metadata.update(method=model.method, fusion=model.fusion)
+    save_file(state, str(path), metadata={key: json.dumps(value) for key, value in metadata.items()})
+
+
+def load_exported(path):
+    """The model export() wrote, merged and in eval mode, and its metadata. Needs timm, not its hub."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        metadata = {key: json.loads(value) for key, value in file.metadata().items()}
+        state = {name: file.get_tensor(name) for name in file.keys()}
+    backbone = create_backbone(metadata["model"], **metadata["model_kwargs"])
+    backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
+    model = SciLT(backbone, state["log_prior"].exp(), method=metadata["method"], fusion=metadata["fusion"] or "class")
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("backbone.")}, strict=False)
+    merge_lora(model)  # B = 0: the plain model's speed, the same outputs
+    return model.eval(), metadata
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,11 +6,14 @@
     python train.py --data folder --data-root DIR        # your own images: DIR/train/<class>/*, DIR/test/...
     torchrun --nproc_per_node=4 train.py --data nih
     python train.py --out runs/x --resume          # continue run x;  --eval-only: re-evaluate its checkpoint
+    python train.py --out runs/x --predict new_images/         # runs/x/predictions.csv
+    python train.py --out runs/x --export x.safetensors        # one file: scilt.load_exported() reads it
 
-Writes to --out: metrics.json (the report), checkpoint.pt (LoRA, heads, gate, optimizer and arguments:
-not the frozen backbone) and splits.csv (the exact train / val / test images). See README.md.
+Writes to --out: metrics.json and report.png (the report), checkpoint.pt (LoRA, heads, gate, optimizer
+and arguments: not the frozen backbone) and splits.csv (the exact train / val / test images).
 """
 import argparse
+import csv
 import json
 import math
 import os
@@ -24,10 +27,11 @@ import numpy as np
 import timm
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, Subset
 
 import scilt
-from data import AUGMENTS, DataError, Loader, load_data, write_splits
+from data import AUGMENTS, DataError, ImageFiles, Loader, find_images, load_data, make_transform, write_splits
 
 # ----------------------------------------------------------------------------------------------------
 # Settings: what flags left out become, and the recipe's constants, all in one place.
@@ -95,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --out on the test set")
     p.add_argument("--analyze", action="store_true",
                    help="no training: how well each block's frozen features serve each class group (layers.json)")
+    p.add_argument("--predict", nargs="+", metavar="PATH",
+                   help="classify images (files, or folders searched recursively) with the run in --out: predictions.csv")
+    p.add_argument("--export", metavar="FILE", help="write the run in --out as one .safetensors file for inference")
     args = p.parse_args(argv)
     kind = "synthetic" if args.data == "synthetic" else "natural" if args.data in NATURAL else "real"
     args.model = args.model or DEFAULT_MODEL[kind]
@@ -103,14 +110,20 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.workers is None:
-        args.workers = 0 if args.data == "synthetic" else min(8, os.cpu_count() or 1)
+        args.workers = 0 if args.data == "synthetic" and not args.predict else min(8, os.cpu_count() or 1)
     for name in ("epochs", "batch_size", "lr", "lora_rank", "img_size", "imbalance_ratio"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if (args.resume or args.eval_only) and not args.out:
-        p.error("--resume and --eval-only need --out, the folder of the run")
+    if (args.resume or args.eval_only or args.predict or args.export) and not args.out:
+        p.error("--resume, --eval-only, --predict and --export need --out, the folder of the run")
     args.out = args.out or f"runs/{args.data}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
+
+
+def normalisation(model):
+    """The mean and std the backbone was pretrained with (timm's config), for every image it sees."""
+    config = timm.models.get_pretrained_cfg(TINY["name"] if model == "tiny" else model)
+    return tuple(getattr(config, "mean", (0.5,) * 3)), tuple(getattr(config, "std", (0.5,) * 3))
 
 
 def load_backbone(args):
@@ -249,6 +262,7 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
             state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_atomically({"state": state, "model": trainable_state(model), "classes": data.classes,
+                             "class_counts": data.class_counts,
                              "optimizer": optimizer.state_dict(), "args": vars(args)}, checkpoint_path)
 
 
@@ -260,10 +274,34 @@ def head_metrics(scores, labels, counts, classes=None):
     return scilt.long_tail_metrics(scores.argmax(1).numpy(), labels.numpy(), counts, classes)
 
 
+def linear_probe(features, labels, log_prior, tau=1.0, weight_decay=1e-4, steps=200):
+    """The baseline every fine-tuning must beat: logit-adjusted softmax regression on frozen features
+    (standardised), fit to convergence by full-batch L-BFGS. Returns a function features -> logits. The
+    adjustment makes its argmax balanced, as the heads' loss does: a fair bar for them."""
+    x = torch.as_tensor(features, dtype=torch.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / std
+    weight = torch.zeros(x.shape[1], len(log_prior), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(log_prior), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  history_size=20, line_search_fn="strong_wolfe")
+    labels, log_prior = torch.as_tensor(labels), torch.as_tensor(log_prior, dtype=torch.float64)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias + tau * log_prior, labels) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    return lambda h: ((torch.as_tensor(h, dtype=torch.float64) - mean) / std) @ weight + bias
+
+
 def fit_probe(train_h, train_labels, val_h, val_labels, counts):
-    """The linear probe (scilt.linear_probe) with its weight decay chosen by val balanced accuracy."""
+    """The linear probe with its weight decay chosen by val balanced accuracy."""
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts))
-    probes = [scilt.linear_probe(train_h, train_labels, log_prior, TAU, decay) for decay in PROBE_WEIGHT_DECAYS]
+    probes = [linear_probe(train_h, train_labels, log_prior, TAU, decay) for decay in PROBE_WEIGHT_DECAYS]
     if len(val_labels) == 0:
         return probes[len(probes) // 2]
     return max(probes, key=lambda probe: head_metrics(probe(val_h), val_labels, counts)["balanced_acc"])
@@ -479,13 +517,13 @@ def save_atomically(obj, path, text=False):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path, classes):
+def load_checkpoint(path, classes=None):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         raise Abort(f"cannot read checkpoint {path} ({type(error).__name__}): expected a complete "
                     "checkpoint.pt written by train.py; it may be truncated") from None
-    if checkpoint["classes"] != classes:
+    if classes is not None and checkpoint["classes"] != classes:
         raise Abort(f"checkpoint {path} was trained on {len(checkpoint['classes'])} classes "
                     f"({', '.join(checkpoint['classes'][:4])}, ...), but this data set has {len(classes)}")
     return checkpoint
@@ -520,12 +558,12 @@ def run(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     # the data first, normalised as the backbone was pretrained, so that a bad --data-root fails at once
-    config = timm.models.get_pretrained_cfg(TINY["name"] if args.model == "tiny" else args.model)
+    mean, std = normalisation(args.model)
     if rank > 0:  # under torchrun the first process fetches a missing data set while the others wait
         dist.barrier()
     data = load_data(args.data, args.data_root, img_size=args.img_size, augment=args.augment,
                      imbalance_ratio=args.imbalance_ratio, seed=args.seed, download=not args.no_download,
-                     mean=getattr(config, "mean", (0.5,) * 3), std=getattr(config, "std", (0.5,) * 3),
+                     mean=mean, std=std,
                      splits=out / "splits.csv" if continuing else None)
     if rank == 0 and world > 1:
         dist.barrier()
@@ -588,9 +626,76 @@ def run(args):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------
+# Using a trained run: --predict (a CSV of predictions) and --export (one file for inference).
+
+def load_run(args, device):
+    """The model a run's evaluation used (its val-best epoch), rebuilt from its checkpoint and arguments, in
+    eval mode; the backbone from timm or a weights file as trained (a --weights given now replaces it)."""
+    path = Path(args.out) / "checkpoint.pt"
+    if not path.exists():
+        raise Abort(f"no checkpoint at {path}: train into that --out first")
+    checkpoint = load_checkpoint(path)
+    trained = argparse.Namespace(**checkpoint["args"])
+    trained.weights = args.weights or trained.weights
+    counts = checkpoint.get("class_counts", [1] * len(checkpoint["classes"]))  # older checkpoints lack them
+    model = scilt.SciLT(load_backbone(trained), counts, method=trained.method,
+                        fusion=trained.fusion, rank=trained.lora_rank)
+    model.load_state_dict(checkpoint["state"]["best"] or checkpoint["model"], strict=False)
+    return model.to(device).eval(), trained, checkpoint["classes"]
+
+
+@torch.no_grad()
+def predict_images(args, device, log):
+    """predictions.csv in --out: per image its path, the predicted class, that class's probability, every
+    class's probability (softmax of the fused scores s), and the error if the file could not be read."""
+    paths = find_images(args.predict)
+    model, trained, classes = load_run(args, device)
+    scilt.merge_lora(model)  # inference at the plain model's speed, the same outputs
+    images = ImageFiles(paths, make_transform(trained.img_size, *normalisation(trained.model)), trained.img_size)
+    batches = Loader(images, batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+    rows, started, failed = [], time.time(), 0
+    for i, (x, errors) in enumerate(batches):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            probabilities = model(x.to(device, non_blocking=True)).logits.float().softmax(-1).cpu()
+        for p, error in zip(probabilities, errors):
+            path, k = paths[len(rows)], int(p.argmax())
+            rows.append([path, "", "", *[""] * len(classes), error] if error else
+                        [path, classes[k], f"{p[k]:.6f}", *(f"{q:.6f}" for q in p.tolist()), ""])
+            failed += bool(error)
+        if (i + 1) % 50 == 0:
+            log(f"predicted {len(rows):,} / {len(paths):,} images, {len(rows) / (time.time() - started):.0f} img/s")
+    target = Path(args.out) / "predictions.csv"
+    with open(f"{target}.tmp", "w", newline="") as file:
+        csv.writer(file).writerows([["path", "predicted", "probability", *classes, "error"], *rows])
+    os.replace(f"{target}.tmp", target)
+    log(f"wrote {target}: {len(rows) - failed:,} images classified" +
+        (f", {failed:,} could not be read (their rows give the error)" if failed else ""))
+    return target
+
+
+def export_run(args, log):
+    """--export FILE: the backbone with LoRA merged in, the heads and the gate, with what rebuilds them."""
+    model, trained, classes = load_run(args, torch.device("cpu"))
+    name, kwargs = (TINY["name"], {k: v for k, v in TINY.items() if k != "name"}) if trained.model == "tiny" \
+        else (trained.model, {})
+    mean, std = normalisation(trained.model)
+    scilt.export(model, f"{args.export}.tmp", model=name, model_kwargs={**kwargs, "img_size": trained.img_size},
+                 img_size=trained.img_size, mean=mean, std=std, classes=classes)
+    os.replace(f"{args.export}.tmp", args.export)
+    log(f"wrote {args.export} ({os.path.getsize(args.export) / 2**20:.1f} MB): scilt.load_exported() reads it")
+    return Path(args.export)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        if (args.predict or args.export) and "RANK" in os.environ:
+            raise Abort("--predict and --export run in one process: start them with python, not torchrun")
+        if args.predict:
+            return predict_images(args, torch.device(args.device), print)
+        if args.export:
+            return export_run(args, print)
         return run(args)
     except (Abort, DataError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -372,12 +372,12 @@ def test_probe_weight_decay_is_the_best_on_val():
     (h, y), (val_h, val_y) = sample(6), sample(40)
     counts = [6] * 4
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / 24)
-    scores = [train.head_metrics(scilt.linear_probe(h, y, log_prior, train.TAU, decay)(val_h), val_y, counts)["balanced_acc"]
+    scores = [train.head_metrics(train.linear_probe(h, y, log_prior, train.TAU, decay)(val_h), val_y, counts)["balanced_acc"]
               for decay in train.PROBE_WEIGHT_DECAYS]
     assert len(set(scores)) > 1  # the decay matters on these features
     best = train.PROBE_WEIGHT_DECAYS[scores.index(max(scores))]
     chosen = train.fit_probe(h, y, val_h, val_y, counts)(val_h)
-    torch.testing.assert_close(chosen, scilt.linear_probe(h, y, log_prior, train.TAU, best)(val_h))
+    torch.testing.assert_close(chosen, train.linear_probe(h, y, log_prior, train.TAU, best)(val_h))
 
 
 def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gain():
@@ -397,3 +397,87 @@ def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gai
     report = train.report(model, test, val, train_set, ["a", "b", "c"], [200, 50, 5], [5, 50, 200], {})
     assert (report["many"], report["medium"], report["few"]) == (0.0, 1.0, 1.0)  # by [5, 50, 200]
     assert report["fusion_val_correlation"] == pytest.approx(1.0)
+
+
+def test_linear_probe_separates_separable_features():
+    counts = [120, 60, 30, 12, 4]
+    log_prior = torch.log(torch.tensor(counts) / sum(counts))
+    centres = 4 * torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)
+    labels = torch.arange(5).repeat_interleave(torch.tensor(counts))
+    h = centres[labels] + 0.5 * torch.randn(len(labels), 32)
+    probe = train.linear_probe(h, labels, log_prior)
+    assert (probe(h).argmax(1) == labels).all()
+    test_labels = torch.arange(5).repeat(20)
+    assert (probe(centres[test_labels] + 0.5 * torch.randn(100, 32)).argmax(1) == test_labels).all()
+
+
+def test_linear_probe_with_logit_adjustment_is_balanced_on_overlapping_long_tailed_features():
+    """Overlapping classes, 300 down to 3 training images: a plain softmax regression leans to the head
+    classes; the logit-adjusted one (as the heads' loss) is clearly better on a balanced test set."""
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.tensor([300, 120, 50, 20, 8, 3])
+    centres = 1.5 * torch.nn.functional.normalize(torch.randn(6, 16, generator=generator), dim=-1)
+    sample = lambda labels: centres[labels] + 0.6 * torch.randn(len(labels), 16, generator=generator)
+    labels, test_labels = torch.arange(6).repeat_interleave(counts), torch.arange(6).repeat(300)
+    h, test_h = sample(labels), sample(test_labels)
+    log_prior = torch.log(counts / counts.sum())
+    balanced = lambda tau: scilt.long_tail_metrics(train.linear_probe(h, labels, log_prior, tau)(test_h).argmax(1),
+                                                   test_labels, counts)["balanced_acc"]
+    assert balanced(1.0) > balanced(0.0) + 0.03
+
+
+def write_image_folder(root, seed=0):
+    """Three colour classes, weakly separated by noise: 12 / 9 / 6 training and 5 test images each."""
+    rng = np.random.default_rng(seed)
+    for split, sizes in (("train", (12, 9, 6)), ("test", (5, 5, 5))):
+        for k, (name, n) in enumerate(zip(("red", "green", "blue"), sizes)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 200, (20, 20, 3))
+                pixels[..., k] += 40
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+
+
+def test_predict_and_export_give_the_evaluations_predictions(tmp_path, capsys):
+    import csv
+    from torchvision.transforms import v2
+
+    root, out = tmp_path / "images", tmp_path / "run"
+    write_image_folder(root)
+    metrics = run("--data", "folder", "--data-root", str(root), "--model", "tiny", *FAST, "--out", str(out))
+    (root / "test" / "red" / "broken.png").write_bytes(b"not an image")  # among 15 good ones
+    target = train.main(["--out", str(out), "--predict", str(root / "test")])
+    rows = {Path(row["path"]).relative_to(root).as_posix(): row for row in csv.DictReader(target.open())}
+    assert len(rows) == 16 and "cannot read image" in rows["test/red/broken.png"]["error"]
+    assert rows["test/red/broken.png"]["predicted"] == ""
+    assert "15 images classified, 1 could not be read" in capsys.readouterr().out
+    # image by image, the classes the run's evaluation predicts (unmerged LoRA, the test split it stored)
+    model, trained, classes = train.load_run(argparse.Namespace(out=str(out), weights=None), torch.device("cpu"))
+    data = train.load_data("folder", root, img_size=16, splits=out / "splits.csv")
+    evaluated = train.predict(model, train.Loader(data.test, batch_size=64), torch.device("cpu"))
+    assert len(data.test.items) == 15
+    for item, scores in zip(data.test.items, evaluated["logits"]):  # items: test/<class>/<file>
+        assert rows[item]["predicted"] == classes[scores.argmax()]
+    per_class = {c: np.mean([row["predicted"] == c for path, row in rows.items() if path.split("/")[1] == c
+                             and not row["error"]]) for c in classes}
+    assert per_class == pytest.approx(metrics["per_class_acc"])
+    # the exported file, loaded with scilt.py and timm alone as the README shows, predicts the same
+    exported = train.main(["--out", str(out), "--export", str(tmp_path / "model.safetensors")])
+    loaded, meta = scilt.load_exported(exported)
+    size = meta["img_size"]
+    preprocess = v2.Compose([v2.Resize(round(size / 0.875)), v2.CenterCrop(size), v2.PILToTensor(),
+                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta["mean"], meta["std"])])
+    for path, row in rows.items():
+        if not row["error"]:
+            with torch.no_grad():
+                p = loaded(preprocess(Image.open(root / path).convert("RGB"))[None]).logits.softmax(-1)[0]
+            assert meta["classes"][p.argmax()] == row["predicted"]
+            assert p.max().item() == pytest.approx(float(row["probability"]), abs=1e-4)
+    (tmp_path / "empty").mkdir()
+    assert "no image under" in fails(capsys, "--out", str(out), "--predict", str(tmp_path / "empty"))
+
+
+def test_predict_and_export_refuse_torchrun_and_need_a_run(tmp_path, capsys, monkeypatch):
+    assert "no checkpoint at" in fails(capsys, "--out", str(tmp_path), "--export", str(tmp_path / "m.safetensors"))
+    monkeypatch.setenv("RANK", "0")
+    assert "run in one process" in fails(capsys, "--out", str(tmp_path), "--predict", str(tmp_path))
