@@ -8,8 +8,17 @@ PBC blood cells) we follow ISIC-2019-LT (Ju et al. 2022): hold out a balanced te
 and val set (50 per class), then keep n_k = n_max * r^(-k / (K - 1)) training images of the k-th most
 frequent class (n_max = min(5000, largest class), r the imbalance ratio). Splits are deterministic for a
 seed; write_splits() / read_splits() store them so that a later run evaluates exactly the same images.
-A set that is missing from its root is downloaded there (fetch()), as torchvision does. Every problem
-with the user's data raises DataError with one line naming the path and what was expected.
+Every problem with the user's data raises DataError with one line naming the path and what was expected.
+
+Downloads. A set missing from its root (default data/<set>) is fetched there, as torchvision does: one
+line first says what (files, total size, host, destination), then a progress line per file with speed
+and time left. A cut download leaves FILE.part and resumes with an HTTP Range request; a file gets its
+final name only once its size and md5 (where one is published; otherwise the archive's image count, a
+zip's CRCs, a list's line count) are checked. Archives are unpacked in place, then deleted; each finished
+file leaves .FILE.done, and the set counts as complete only when <root>/.complete exists. No network or
+a wrong checksum: one line naming the file, its address and the folder to put it in by hand. A folder
+the user laid out (an image folder or data file in it) is used as it is; only missing split lists are
+fetched. SCILT_MIRROR=https://host/base replaces each address's scheme and host, keeping its path.
 """
 import csv
 import functools

@@ -450,11 +450,12 @@ def print_report(metrics):
         print(f"correlation on val between a and (penultimate - final head accuracy) per class: "
               f"{metrics['fusion_val_correlation']:+.2f}")
     r = metrics["rademacher"]
-    print(f"\nRademacher complexity on the {r['n']} training images, |w| <= t = {r['scale']:.3g}; its bound "
-          f"t/sqrt(n) = {r['final']['bound']:.3f} per level (2t/sqrt(n) for the sum) is fixed by n and t:\n  " + ", ".join(
-              f"{k} {r[k]['estimate']:.3f} ± {r[k]['stderr']:.3f} ({r[k]['fraction']:.2f} of its bound)"
+    print(f"\nRademacher complexity on the {r['n']} training images, |w| <= t = {r['scale']:.3g} (estimate ± s.e. "
+          f"and its fraction of the bound t/sqrt(n) = {r['final']['bound']:.3f}, 2t/sqrt(n) for the sum):\n  " + ", ".join(
+              f"{k} {r[k]['estimate']:.3f} ± {r[k]['stderr']:.3f} ({r[k]['fraction']:.2f})"
               for k in ("penultimate", "final", "sum", "fused")))
-    print("  (the fraction says how diverse the training features are: 0.80 if all alike, 1 if orthogonal)")
+    print("  the bound is fixed by n and t; the fraction says how diverse the training features are "
+          "(0.80: all alike, 1: orthogonal)")
     print(f"train - test balanced accuracy gap: {percent(r['train_balanced_acc']).strip()}% - "
           f"{percent(metrics['balanced_acc']).strip()}% = {100 * r['gap']:.1f} points")
     print(f"balanced accuracy {percent(metrics['balanced_acc']).strip()}%, macro-F1 "
