@@ -278,6 +278,11 @@ NIH_KEYS = ["vfk49d74nhbxq3nqjg0900w5nvkorp5c", "i28rlmbvmfjbl8p2n3ril0pptcmcu9d
             "jn1b4mw4n6lnh74ovmcjb8y48h8xj07n", "tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j", "upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj",
             "l6nilvfa9cg3s28tqv1qc1olm3gnz54p", "hhq8fkdgvcari67vfhs7ppg2w6ni4jze", "ioqwiy20ihqwyr8pf4c24eazhh281pbu"]
 NIH_IMAGES = [4999] + [10000] * 10 + [7121]  # PNGs in images_001 .. images_012.tar.gz: 112,120 in all
+NIH_MD5 = ["fe8ed0a6961412fddcbb3603c11b3698", "ab07a2d7cbe6f65ddd97b4ed7bde10bf", "2301d03bde4c246388bad3876965d574",
+           "9f1b7f5aae01b13f4bc8e2c44a4b8ef6", "1861f3cd0ef7734df8104f2b0309023b", "456b53a8b351afd92a35bc41444c58c8",
+           "1075121ea20a137b87f290d6a4a5965e", "b61f34cec3aa69f295fbb593cbd9d443", "442a3caa61ae9b64e61c561294d1e183",
+           "09ec81c4c31e32858ad8cf965c494b74", "499aefc67207a5a97692424cf5dbeed5", "dc9fda1757c2de0032b63347a7d2895c"]
+NIH_SIZES = [2.008e9] + [4.016e9] * 10 + [2.914e9]  # bytes: 45.08 GB in all (NIH's FAQ gives the md5s)
 LISTS_URL = "https://raw.githubusercontent.com/shijxcs/LIFT/main/datasets/"  # the split lists LIFT ships
 PLACES_URL = "http://data.csail.mit.edu/places/places365/"
 LISTS = {  # set -> (folder in LISTS_URL, split -> (file, lines)); iNaturalist 2018 tests on its val list
@@ -293,8 +298,8 @@ REMOTE = {
              Remote(ISIC_URL + "ISIC_2019_Training_GroundTruth.csv", size=1.2e6, count=25332)],
     "blood": [Remote("https://zenodo.org/records/10519652/files/bloodmnist_224.npz?download=1",
                      "b718ff6835fcbdb22ba9eacccd7b2601", size=2e9)],
-    "nih": [Remote(f"https://nihcc.box.com/shared/static/{key}.gz", size=3.8e9, count=n, name=f"images_{i:03d}.tar.gz")
-            for i, (key, n) in enumerate(zip(NIH_KEYS, NIH_IMAGES), start=1)],  # md5s: see README
+    "nih": [Remote(f"https://nihcc.box.com/shared/static/{key}.gz", md5, size, n, f"images_{i:03d}.tar.gz")
+            for i, (key, md5, size, n) in enumerate(zip(NIH_KEYS, NIH_MD5, NIH_SIZES, NIH_IMAGES), start=1)],
     "cifar100-lt": [Remote("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                            "eb9058c3a382ffc7106e4002c42a8d85", size=1.69e8)],
     **{name: [Remote(LISTS_URL + f"{folder}/{file}", size=lines * 60, count=lines) for file, lines in files.values()]
@@ -626,10 +631,12 @@ def cifar100_lt(root, seed, imbalance_ratio):
 
 
 def places_path(item):
-    """Places-LT's lists say train/<class>/<file> and val/<class>/<file>; the Places365 256 px archives
-    unpack to data_256/<initial>/<class>/<file> and val_256/<file>."""
+    """Places-LT's lists say train/<class>/<file> and val/<class>/<file>, a class with a sub-category
+    hyphenated (apartment_building-outdoor); the Places365 256 px archives unpack to
+    data_256/<initial>/<class>/<sub-category>/<file> and val_256/<file>."""
     split, rest = item.split("/", 1)
-    return f"data_256/{rest[0]}/{rest}" if split == "train" else f"val_256/{rest.rsplit('/', 1)[-1]}"
+    category, file = rest.rsplit("/", 1)
+    return f"data_256/{rest[0]}/{category.replace('-', '/')}/{file}" if split == "train" else f"val_256/{file}"
 
 
 def split_lists(root, seed, imbalance_ratio, name):
@@ -655,9 +662,13 @@ def split_lists(root, seed, imbalance_ratio, name):
     classes = [names.get(k, str(k)) for k in range(1 + max(max(labels) for _, labels in splits.values() if labels))]
     if name == "places-lt" and not (root / "train").is_dir():
         splits = {s: ([places_path(item) for item in items], labels) for s, (items, labels) in splits.items()}
-    missing = [item for items, _ in splits.values() for item in items[:1] + items[-1:] if not (root / item).is_file()]
-    if missing:  # the first and last image of each list: a wrong layout shows at once, not mid-epoch
-        raise DataError(f"image {root / missing[0]} of the {name} lists is missing: expected {WHERE[name]} in {root}")
+    firsts = {}  # (split, class) -> its first image: one of every class of every list is checked now, so that
+    for split, (items, labels) in splits.items():  # a wrong layout shows at once, not mid-epoch
+        for item, label in zip(items, labels):
+            firsts.setdefault((split, label), item)
+    missing = next((item for item in firsts.values() if not (root / item).is_file()), None)
+    if missing:
+        raise DataError(f"image {root / missing} of the {name} lists is missing: expected {WHERE[name]} in {root}")
     return Source(classes, root, splits, vertical_flip=False)
 
 

@@ -11,10 +11,10 @@ from PIL import Image
 import data
 from data import DataError, load_data
 
-NIH_CLASSES = ["Atelectasis", "Calcification of the Aorta", "Cardiomegaly", "Consolidation", "Edema",
-               "Effusion", "Emphysema", "Fibrosis", "Hernia", "Infiltration", "Mass", "No Finding", "Nodule",
-               "Pleural Thickening", "Pneumomediastinum", "Pneumonia", "Pneumoperitoneum", "Pneumothorax",
-               "Subcutaneous Emphysema", "Tortuous Aorta"]
+NIH_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+               "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+               "Pneumoperitoneum", "Pneumomediastinum", "Subcutaneous Emphysema", "Tortuous Aorta",
+               "Calcification of the Aorta", "No Finding"]  # the published header's order, between id and subject_id
 ISIC_PER_CLASS = [300, 600, 250, 200, 220, 170, 160, 180]  # MEL NV BCC AK BKL DF VASC SCC
 
 
@@ -88,14 +88,14 @@ def nih_root(tmp_path):
             for i in range(n):
                 name = f"{split}_{k:02d}_{i}.png"
                 (tmp_path / "images" / name).write_bytes(png)
-                rows.append([name] + [int(j == k) for j in range(20)])
-        write_csv(tmp_path / f"nih-lt_single-label_{split}.csv", ["id"] + NIH_CLASSES, rows)
+                rows.append([name] + [int(j == k) for j in range(20)] + [f"{100 * k + i:08d}"])
+        write_csv(tmp_path / f"nih-cxr-lt_single-label_{split}.csv", ["id"] + NIH_CLASSES + ["subject_id"], rows)
     return tmp_path
 
 
 def test_nih_reads_its_own_splits_and_makes_grayscale_rgb(nih_root):
     d = load_data("nih", nih_root, img_size=32)
-    assert d.classes == NIH_CLASSES and d.class_counts == [5, 3] + [1] * 18
+    assert d.classes == NIH_CLASSES and d.class_counts == [5, 3] + [1] * 18  # subject_id is no class
     assert (len(d.val), len(d.test)) == (20, 40)
     image, label = d.test[0]
     assert image.shape == (3, 32, 32) and label == 0
@@ -103,9 +103,9 @@ def test_nih_reads_its_own_splits_and_makes_grayscale_rgb(nih_root):
 
 
 def test_nih_bad_csvs(nih_root):
-    path = nih_root / "nih-lt_single-label_balanced-test.csv"
+    path = nih_root / "nih-cxr-lt_single-label_balanced-test.csv"
     write_csv(path, ["id"] + NIH_CLASSES[:-1], [])
-    with pytest.raises(DataError, match="lacks the column\\(s\\) Tortuous Aorta"):
+    with pytest.raises(DataError, match="lacks the column\\(s\\) No Finding"):
         load_data("nih", nih_root)
     write_csv(path, ["id"] + NIH_CLASSES, [["x.png"] + [1, 1] + [0] * 18])
     with pytest.raises(DataError, match="line 2: expected exactly one 1"):

@@ -339,19 +339,37 @@ def test_imagenet_lt_fetches_its_lists_into_a_root_laid_out_by_hand(server, tmp_
 
 
 def test_places_lt_downloads_and_reads_the_places365_archive_layout(server, tmp_path, monkeypatch):
-    lists = {"train": [(f"train/{c}/{i:08d}.jpg", k) for k, c in enumerate(["airfield", "bus/inside"])
-                       for i in range(4 - 2 * k)],
-             "val": [("train/airfield/00000009.jpg", 0), ("train/bus/inside/00000009.jpg", 1)],
-             "test": [("val/airfield/Places365_val_00000001.jpg", 0), ("val/bus/inside/Places365_val_00000002.jpg", 1)]}
+    """LIFT's lists write a sub-category with a hyphen (apartment_building-outdoor); the Places365 archive
+    has it as a sub-folder (data_256/a/apartment_building/outdoor). The archive below is written in that
+    real layout by hand, not from the list paths."""
+    lists = {"train": [("train/airfield/00000001.jpg", 0), ("train/airfield/00000002.jpg", 0),
+                       ("train/airfield/00000003.jpg", 0), ("train/apartment_building-outdoor/00000794.jpg", 1),
+                       ("train/apartment_building-outdoor/00000795.jpg", 1), ("train/zen_garden/00000005.jpg", 2)],
+             "val": [("train/airfield/00000009.jpg", 0), ("train/apartment_building-outdoor/00000009.jpg", 1),
+                     ("train/zen_garden/00000009.jpg", 2)],
+             "test": [("val/airfield/Places365_val_00000001.jpg", 0),
+                      ("val/apartment_building-outdoor/Places365_val_00000002.jpg", 1),
+                      ("val/zen_garden/Places365_val_00000003.jpg", 2)]}
     write_lists(server, monkeypatch, "places-lt", lists)
-    train_tar = archive({f"data_256/{p[6]}/{p[6:]}": jpeg() for p, _ in lists["train"] + lists["val"]}, "tar")
-    val_tar = archive({f"val_256/{p.rsplit('/', 1)[1]}": jpeg() for p, _ in lists["test"]}, "tar")
+    in_archive = ["data_256/a/airfield/00000001.jpg", "data_256/a/airfield/00000002.jpg",
+                  "data_256/a/airfield/00000003.jpg", "data_256/a/airfield/00000009.jpg",
+                  "data_256/a/apartment_building/outdoor/00000794.jpg", "data_256/a/apartment_building/outdoor/00000795.jpg",
+                  "data_256/a/apartment_building/outdoor/00000009.jpg",
+                  "data_256/z/zen_garden/00000005.jpg", "data_256/z/zen_garden/00000009.jpg"]
+    train_tar = archive({path: jpeg() for path in in_archive}, "tar")
+    val_tar = archive({f"val_256/Places365_val_0000000{i}.jpg": jpeg() for i in (1, 2, 3)}, "tar")
     lists_, archives = data.REMOTE["places-lt"][:3], data.REMOTE["places-lt"][3:]
     monkeypatch.setitem(data.REMOTE, "places-lt", lists_ + [
         r._replace(md5=server.put(r, body)) for r, body in zip(archives, (train_tar, val_tar))])
-    d = load_data("places-lt", tmp_path / "places", img_size=32)
-    assert d.classes == ["airfield", "bus/inside"] and d.class_counts == [4, 2] and len(d.test) == 2
-    assert (tmp_path / "places" / ".complete").exists() and not (tmp_path / "places" / "val_256.tar").exists()
+    root = tmp_path / "places"
+    d = load_data("places-lt", root, img_size=32)
+    assert d.classes == ["airfield", "apartment_building-outdoor", "zen_garden"] and d.class_counts == [3, 2, 1]
+    assert len(d.test) == 3 and d.train[3][1] == 1  # an image of the hyphenated class, read from its sub-folder
+    assert (root / ".complete").exists() and not (root / "val_256.tar").exists()
+    # one image of every class is checked up front, not only the lists' first and last
+    (root / "data_256/a/apartment_building/outdoor/00000794.jpg").unlink()
+    with pytest.raises(DataError, match="apartment_building/outdoor/00000794.jpg of the places-lt lists is missing"):
+        load_data("places-lt", root, img_size=32)
 
 
 def test_inat2018_tests_on_its_val_list_and_bad_lines_are_named(server, tmp_path, monkeypatch):
