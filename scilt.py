@@ -62,9 +62,7 @@ class LoRALinear(nn.Module):
     def weight(self):
         return self.base.weight if self.merged else self.base.weight + self.delta_weight()
 
-    @property
-    def bias(self):
-        return self.base.bias
+    bias = property(lambda self: self.base.bias)
 
     @torch.no_grad()
     def merge(self):
@@ -236,7 +234,7 @@ class SciLT(nn.Module):
         return loss
 
     @torch.no_grad()
-    def init_heads(self, h_pen, h_fin, labels):
+    def init_heads(self, h_pen, h_fin, labels, max_images=20_000, chunk=4096):
         """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features, with
         the cosine scale (shared) that minimises this step-0 model's training loss: a temperature that
         changes no prediction. Too high a scale (25) makes the first steps undo confident mistakes."""
@@ -244,12 +242,16 @@ class SciLT(nn.Module):
         for head, h in heads:
             head.set_class_means(h, labels)
             head.scale.fill_(1.0)
-        out = self.classify(h_pen, h_fin)  # cosines: every score is linear in s
-        scales = torch.logspace(0, 2, 161).tolist()  # 1 .. 100, 1.2% apart
-        fit = lambda s: self.loss(SciLTOutput(*(None if z is None else s * z for z in out)), labels).item()
-        best = min(scales, key=fit)
+        if len(labels) > max_images:  # one number needs no more: a seeded subset, in chunks of (chunk, K)
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:max_images].to(labels.device)
+            h_pen, h_fin, labels = h_pen[keep], h_fin[keep], labels[keep]
+        scales, losses = torch.logspace(0, 2, 161).tolist(), torch.zeros(161)  # 1 .. 100, 1.2% apart
+        for i in range(0, len(labels), chunk):  # cosines at scale 1: every score is linear in s
+            out, y = self.classify(h_pen[i:i + chunk], h_fin[i:i + chunk]), labels[i:i + chunk]
+            losses += torch.tensor([len(y) * self.loss(SciLTOutput(*(None if z is None else s * z for z in out)), y)
+                                    for s in scales])
         for head, _ in heads:
-            head.scale.fill_(best)
+            head.scale.fill_(scales[losses.argmin()])
 
 
 def logit_adjusted_loss(logits, target, log_prior, tau=1.0):
@@ -320,9 +322,11 @@ def rademacher_check(h_pen, h_fin, fusion_weights, scale, draws=1000, seed=0):
     Bartlett & Mendelson 2002; equal here, the supremum splits) is one average over the same, paired
     sigmas, with its own standard error; `fused` is a F_{N-1} + (1 - a) F_N for the mean class's a. The
     closed bound (Jensen), scale / sqrt(n) per level for unit features, is fixed by n and the scale: no
-    test. An estimate's `fraction` of it, from sqrt(2/pi) = 0.80 (identical features) to 1 (orthogonal
-    ones), says how diverse the training features are."""
-    unit = lambda h: F.normalize(torch.as_tensor(h, dtype=torch.float64), dim=-1)
+    test. A `fraction` of it, 0.80 = sqrt(2/pi) for identical features to 1 for orthogonal ones, says how
+    diverse the training features are."""
+    def unit(h):  # a float64 copy, normalised in place: one (n, D) copy at a time
+        h = torch.as_tensor(h).to(torch.float64, copy=True)
+        return h.div_(h.norm(dim=1, keepdim=True).clamp_min(1e-12))
     pen, fin = (rademacher_draws(unit(h), scale, draws, seed) for h in (h_pen, h_fin))
     a = torch.as_tensor(fusion_weights, dtype=torch.float64).mean().item()
     bound = scale / math.sqrt(len(h_pen))
@@ -337,9 +341,8 @@ def rademacher_check(h_pen, h_fin, fusion_weights, scale, draws=1000, seed=0):
 # One file for inference: the backbone with LoRA merged in, the heads and the gate.
 
 def export(model, path, /, **metadata):
-    """Write `model` to one .safetensors file: the backbone with LoRA merged in, under timm's own names
-    after `backbone.` (timm alone loads it), then the heads and the gate. `metadata` (name -> anything
-    JSON can hold) must name the timm `model` and its `model_kwargs`, as load_exported() builds it."""
+    """One .safetensors file: the backbone with LoRA merged in (timm's names after `backbone.`), the heads,
+    the gate, and `metadata` (JSON values) naming the timm `model` and `model_kwargs` load_exported() needs."""
     from safetensors.torch import save_file
 
     merge_lora(model)
@@ -369,9 +372,8 @@ def load_exported(path):
 # Backbones.
 
 def create_backbone(name, pretrained=False, weights=None, **timm_kwargs):
-    """A headless timm ViT (num_classes=0). `weights`: a local file (safetensors or a torch state dict)
-    for machines without internet; timm loads it as it would the hub's file (head dropped, position
-    embeddings resized to `img_size`)."""
+    """A headless timm ViT (num_classes=0). `weights`: a local file (safetensors or a state dict), loaded as
+    timm loads the hub's (head dropped, position embeddings resized to `img_size`)."""
     import timm
 
     if not timm.is_model(name):
@@ -393,6 +395,5 @@ def create_backbone(name, pretrained=False, weights=None, **timm_kwargs):
                              "without internet, load them from a local file instead") from None
         raise
     if not all(hasattr(model, a) for a in ("blocks", "forward_intermediates", "forward_head")):
-        raise ValueError(f"model {name!r} is not a ViT: SciLT needs `blocks`, `forward_intermediates` and "
-                         "`forward_head`")
+        raise ValueError(f"model {name!r} is not a ViT: SciLT needs blocks, forward_intermediates, forward_head")
     return model

@@ -168,26 +168,42 @@ def loader(dataset, args, device, *, train=False):
 
 @torch.no_grad()
 def predict(model, data_loader, device):
-    """Features, head scores and labels of every image of the set, gathered from all processes."""
+    """Of every image of the set, gathered from all processes: the features h_pen, h_fin (N, D), the label,
+    and the class each head predicts (`fused`, `penultimate`, `final`: what the method has). What grows
+    with N is kept, nothing that grows with N x K: the report needs only the predicted classes."""
     model.eval()
-    keep = {k: [] for k in ("h_pen", "h_fin", "logits", "s1", "s2", "labels")}
+    heads = {"fused": True, "penultimate": model.classifier1 is not None, "final": model.classifier2 is not None}
+    no_features, no_classes = torch.zeros(0, model.backbone.num_features), torch.zeros(0, dtype=torch.long)
+    keep = {"h_pen": [no_features], "h_fin": [no_features], "labels": [no_classes],  # the same keys on every
+            **{name: [no_classes] for name, present in heads.items() if present}}   # process, even one with no image
     for images, labels in data_loader:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             h_pen, h_fin = model.features(images.to(device, non_blocking=True))
             out = model.classify(h_pen, h_fin)
-        for key, value in zip(keep, (h_pen, h_fin, *out, labels)):
-            if value is not None:
-                keep[key].append(value.float().cpu() if value.is_floating_point() else value)
-    return gather({k: torch.cat(v) for k, v in keep.items() if v})
+        found = {"h_pen": h_pen.float(), "h_fin": h_fin.float(), "labels": labels,
+                 **{name: s.argmax(1) for name, s in zip(("fused", "penultimate", "final"), out) if s is not None}}
+        for key, value in found.items():
+            keep[key].append(value.cpu())
+    return gather({k: torch.cat(v) for k, v in keep.items()})
 
 
 def gather(result):
-    """Join every process's part of an evaluation (name -> tensor), in the order loader() dealt them."""
+    """Every process's part of an evaluation (name -> tensor), joined in the order loader() dealt them, on
+    every process, by tensor collectives: parts differ by at most one image, so each is padded to the
+    longest, gathered, and cut back."""
     if not dist.is_initialized():
         return result
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, result)
-    return {k: torch.cat([part[k] for part in parts]) for k in result}
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    lengths = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, torch.tensor([len(result["labels"])], device=device))
+    longest, joined = int(max(lengths)), {}
+    for key, value in result.items():
+        padded = value.new_zeros((longest, *value.shape[1:]), device=device)
+        padded[:len(value)] = value
+        parts = [torch.empty_like(padded) for _ in lengths]
+        dist.all_gather(parts, padded)
+        joined[key] = torch.cat([part[:int(n)] for part, n in zip(parts, lengths)]).cpu()
+    return joined
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -241,7 +257,7 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
 def val_score(model, val_loader, counts, device):
     """What picks the epoch a run keeps: the fused prediction's balanced accuracy on val."""
     val = predict(model, val_loader, device)
-    return head_metrics(val["logits"], val["labels"], counts)["balanced_acc"]
+    return head_metrics(val["fused"], val["labels"], counts)["balanced_acc"]
 
 
 def train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path):
@@ -269,52 +285,59 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
 # ----------------------------------------------------------------------------------------------------
 # Evaluation and the report.
 
-def head_metrics(scores, labels, counts, classes=None):
-    """A head's row of the report: scilt.long_tail_metrics of its argmax."""
-    return scilt.long_tail_metrics(scores.argmax(1).numpy(), labels.numpy(), counts, classes)
+def head_metrics(predictions, labels, counts, classes=None):
+    """A head's row of the report: scilt.long_tail_metrics of the classes it predicts."""
+    return scilt.long_tail_metrics(predictions.numpy(), labels.numpy(), counts, classes)
 
 
-def linear_probe(features, labels, log_prior, tau=1.0, weight_decay=1e-4, steps=200):
+def linear_probe(features, labels, log_prior, tau=1.0, weight_decay=1e-4, steps=200, device="cpu", chunk=8192):
     """The baseline every fine-tuning must beat: logit-adjusted softmax regression on frozen features
-    (standardised), fit to convergence by full-batch L-BFGS. Returns a function features -> logits. The
-    adjustment makes its argmax balanced, as the heads' loss does: a fair bar for them."""
-    x = torch.as_tensor(features, dtype=torch.float64)
+    (standardised), fit to convergence by L-BFGS in float32 on `device`. The loss is summed over chunks of
+    images, so memory grows with chunk x K, not N x K. The adjustment makes its argmax balanced, as the
+    heads' loss does: a fair bar for them. Returns a function features -> predicted classes."""
+    x = torch.as_tensor(features, dtype=torch.float32).to(device)
     mean, std = x.mean(0), x.std(0) + 1e-6
     x = (x - mean) / std
-    weight = torch.zeros(x.shape[1], len(log_prior), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(len(log_prior), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, tolerance_grad=1e-9, tolerance_change=1e-12,
+    labels, log_prior = torch.as_tensor(labels).to(device), torch.as_tensor(log_prior, dtype=torch.float32).to(device)
+    weight = torch.zeros(x.shape[1], len(log_prior), device=device, requires_grad=True)
+    bias = torch.zeros(len(log_prior), device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, tolerance_grad=1e-7, tolerance_change=1e-10,
                                   history_size=20, line_search_fn="strong_wolfe")
-    labels, log_prior = torch.as_tensor(labels), torch.as_tensor(log_prior, dtype=torch.float64)
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias + tau * log_prior, labels) + weight_decay * weight.pow(2).sum()
+        loss = weight_decay * weight.pow(2).sum()
         loss.backward()
+        for start in range(0, len(x), chunk):  # mean cross-entropy, one chunk's share at a time
+            part = F.cross_entropy(x[start:start + chunk] @ weight + bias + tau * log_prior,
+                                   labels[start:start + chunk], reduction="sum") / len(x)
+            part.backward()
+            loss = loss + part.detach()
         return loss
 
     optimizer.step(closure)
     weight, bias = weight.detach(), bias.detach()
-    return lambda h: ((torch.as_tensor(h, dtype=torch.float64) - mean) / std) @ weight + bias
+    predict = lambda h: ((h.to(device) - mean) / std @ weight + bias).argmax(1).cpu()
+    return lambda h: torch.cat([predict(part) for part in torch.as_tensor(h, dtype=torch.float32).split(chunk)]
+                               or [torch.zeros(0, dtype=torch.long)])
 
 
-def fit_probe(train_h, train_labels, val_h, val_labels, counts):
+def fit_probe(train_h, train_labels, val_h, val_labels, counts, device="cpu", steps=200):
     """The linear probe with its weight decay chosen by val balanced accuracy."""
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts))
-    probes = [linear_probe(train_h, train_labels, log_prior, TAU, decay) for decay in PROBE_WEIGHT_DECAYS]
+    probes = [linear_probe(train_h, train_labels, log_prior, TAU, decay, steps, device) for decay in PROBE_WEIGHT_DECAYS]
     if len(val_labels) == 0:
         return probes[len(probes) // 2]
     return max(probes, key=lambda probe: head_metrics(probe(val_h), val_labels, counts)["balanced_acc"])
 
 
-def start_metrics(train, val, test, counts, groups, classes):
+def start_metrics(train, val, test, counts, groups, classes, device="cpu", probe_steps=200):
     """The model at step 0 (class-mean heads on the pretrained features, fused as the method fuses them)
     and a linear probe on the pretrained final-layer features: the two bars training must clear. `groups`:
     the counts that define many / medium / few."""
-    no_val = torch.zeros(0, dtype=torch.long)
-    probe = fit_probe(train["h_fin"], train["labels"], val.get("h_fin"), val.get("labels", no_val), counts)
-    return {name: head_metrics(scores, test["labels"], groups, classes)
-            for name, scores in (("start", test["logits"]), ("probe", probe(test["h_fin"])))}
+    probe = fit_probe(train["h_fin"], train["labels"], val["h_fin"], val["labels"], counts, device, probe_steps)
+    return {name: head_metrics(predictions, test["labels"], groups, classes)
+            for name, predictions in (("start", test["fused"]), ("probe", probe(test["h_fin"])))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,9 +366,10 @@ def analyze(backbone, data, args, device, log):
     for block in range(len(backbone.blocks)):
         h = {name: s["h"][:, block] for name, s in sets.items()}
         means = scilt.CosineClassifier(h["train"].shape[1], len(counts)).set_class_means(h["train"], sets["train"]["labels"])
-        probe = fit_probe(h["train"], sets["train"]["labels"], h["val"], sets["val"]["labels"], counts)
-        layers.append({"block": block + 1, **{name: head_metrics(scores, sets["test"]["labels"], groups, data.classes)
-                                              for name, scores in (("ncm", means(h["test"])), ("probe", probe(h["test"])))}})
+        probe = fit_probe(h["train"], sets["train"]["labels"], h["val"], sets["val"]["labels"], counts, device)
+        predictions = {"ncm": means(h["test"]).argmax(1), "probe": probe(h["test"])}
+        layers.append({"block": block + 1, **{name: head_metrics(p, sets["test"]["labels"], groups, data.classes)
+                                              for name, p in predictions.items()}})
         log(f"block {block + 1}/{len(backbone.blocks)}: class means {100 * layers[-1]['ncm']['balanced_acc']:.1f}%, "
             f"probe {100 * layers[-1]['probe']['balanced_acc']:.1f}% balanced accuracy")
     return layers
@@ -397,12 +421,16 @@ def plot_layers(layers, path):
 
 @torch.no_grad()
 def class_fusion_weights(model, train):
-    """a per class; for a per-sample gate, each class's mean a over its training images."""
+    """a per class; for a per-sample gate, each class's mean a over its training images (in chunks of
+    images: never an (N, K) matrix)."""
     if model.sample_gate is None:
         return model.fusion_weights().cpu()
-    device = model.sample_gate.weight.device
-    a = model.fusion_weights(train["h_pen"].to(device), train["h_fin"].to(device)).cpu()
-    return torch.stack([a[train["labels"] == k, k].mean() for k in range(a.shape[1])])
+    device, labels = model.sample_gate.weight.device, train["labels"]
+    sums = torch.zeros(len(model.log_prior))
+    for start in range(0, len(labels), 8192):
+        a = model.fusion_weights(*(train[k][start:start + 8192].to(device) for k in ("h_pen", "h_fin"))).cpu()
+        sums.index_add_(0, labels[start:start + 8192], a[torch.arange(len(a)), labels[start:start + 8192]])
+    return sums / torch.bincount(labels, minlength=len(sums)).clamp(min=1)
 
 
 def report(model, test, val, train, classes, counts, groups, before):
@@ -412,16 +440,16 @@ def report(model, test, val, train, classes, counts, groups, before):
     `final` and `fused` (None for a head the method lacks); `class_counts`; `fusion_weights` (class -> a);
     `fusion_val_correlation` (over classes, of a with the penultimate head's val gain over the final's);
     `rademacher` (scilt.rademacher_check on the training sample, with its balanced accuracy and the gap)."""
-    heads = {name: head_metrics(test[key], test["labels"], groups, classes)
-             for name, key in (("fused", "logits"), ("final", "s2"), ("penultimate", "s1")) if key in test}
+    heads = {name: head_metrics(test[name], test["labels"], groups, classes)
+             for name in ("fused", "final", "penultimate") if name in test}
     a = class_fusion_weights(model, train)
     correlation = None
-    if "s1" in val and "s2" in val and a.std() > 0:  # does a class lean on the level that serves it better?
+    if "penultimate" in val and "final" in val and a.std() > 0:  # does a class lean on the level serving it better?
         gain = [p - f if p is not None and f is not None else 0.0 for p, f in zip(
-            head_metrics(val["s1"], val["labels"], counts)["per_class_acc"].values(),
-            head_metrics(val["s2"], val["labels"], counts)["per_class_acc"].values())]
+            head_metrics(val["penultimate"], val["labels"], counts)["per_class_acc"].values(),
+            head_metrics(val["final"], val["labels"], counts)["per_class_acc"].values())]
         correlation = float(np.corrcoef(a.numpy(), gain)[0, 1]) if np.std(gain) > 0 else None
-    train_balanced = head_metrics(train["logits"], train["labels"], counts)["balanced_acc"]
+    train_balanced = head_metrics(train["fused"], train["labels"], counts)["balanced_acc"]
     rademacher = scilt.rademacher_check(train["h_pen"], train["h_fin"], a, model.scale)
     rademacher.update(train_balanced_acc=train_balanced, gap=train_balanced - heads["fused"]["balanced_acc"])
     return {
@@ -600,13 +628,14 @@ def run(args):
     else:  # heads start as nearest-class-mean classifiers on the un-augmented pretrained features
         train = predict(model, train_eval_loader, device)
         model.init_heads(train["h_pen"].to(device), train["h_fin"].to(device), train["labels"].to(device))
-        before = start_metrics(train, predict(model, val_loader, device), predict(model, test_loader, device),
-                               data.class_counts, data.group_counts, data.classes)
+        val, test = predict(model, val_loader, device), predict(model, test_loader, device)
+        before = start_metrics(train, val, test, data.class_counts, data.group_counts, data.classes, device) \
+            if rank == 0 else None  # the probe is fit by the first process alone
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, train_seconds=0.0, best=None, before=before)
-        log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale fitted "
-            f"to {model.scale:.3g}), linear probe on frozen features {100 * before['probe']['balanced_acc']:.1f}% "
-            "balanced accuracy")
         if rank == 0:
+            log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale fitted "
+                f"to {model.scale:.3g}), linear probe on frozen features {100 * before['probe']['balanced_acc']:.1f}% "
+                "balanced accuracy")
             out.mkdir(parents=True, exist_ok=True)
             write_splits(out / "splits.csv", data)
 

@@ -271,6 +271,20 @@ def test_init_heads_fits_the_scale_that_minimises_the_step_0_loss_and_changes_no
     assert torch.equal(model.classify(x, x).logits.argmax(1), fitted.logits.argmax(1))
 
 
+def test_init_heads_in_chunks_and_on_a_subset_fits_the_same_scale():
+    """Bounded memory: chunks of images give the very same scale; a seeded subset of a large training set
+    nearly the same (one number is fitted, and the loss is flat near its minimum)."""
+    labels = torch.arange(5).repeat_interleave(torch.tensor([400, 200, 100, 50, 30]))
+    centres = F.normalize(torch.randn(5, 48), dim=-1)
+    h_pen, h_fin = centres[labels] + 0.3 * torch.randn(780, 48), centres[labels] + 0.3 * torch.randn(780, 48)
+    scales = []
+    for kwargs in ({}, {"chunk": 7}, {"max_images": 300}):
+        model, _ = build()
+        model.init_heads(h_pen, h_fin, labels, **kwargs)
+        scales.append(model.scale)
+    assert scales[1] == pytest.approx(scales[0], rel=1e-4) and scales[2] == pytest.approx(scales[0], rel=0.1)
+
+
 def test_one_optimizer_step_turns_head_and_tail_rows_alike():
     """Unit rows: AdamW turns a 400-image class's prototype as fast as a 4-image class's (with rows of
     norm proportional to class counts, the head class's turned about 100x slower)."""

@@ -386,14 +386,14 @@ def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gai
     model = scilt.SciLT(tiny_vit(), [200, 50, 5])
     with torch.no_grad():
         model.gate.copy_(torch.tensor([2.0, 0.0, -2.0]))  # a = 0.88, 0.5, 0.12
-    one_hot = lambda predicted: 5 * torch.nn.functional.one_hot(torch.tensor(predicted), 3).float()
-    labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    test = dict(logits=one_hot([0, 0, 1, 1, 0, 0]), s1=one_hot([0, 0, 1, 1, 0, 0]), s2=one_hot([0, 0, 1, 1, 0, 0]),
+    said = lambda *predicted: torch.tensor(predicted)  # what predict() keeps: each head's predicted classes
+    labels = said(0, 0, 1, 1, 2, 2)
+    test = dict(fused=said(0, 0, 1, 1, 0, 0), penultimate=said(0, 0, 1, 1, 0, 0), final=said(0, 0, 1, 1, 0, 0),
                 labels=labels)
     # on val the penultimate head is right on class 0 and wrong on class 2, the final head the reverse
-    val = dict(s1=one_hot([0, 0, 1, 1, 0, 0]), s2=one_hot([1, 1, 1, 1, 2, 2]), logits=one_hot([0, 0, 1, 1, 2, 2]),
+    val = dict(penultimate=said(0, 0, 1, 1, 0, 0), final=said(1, 1, 1, 1, 2, 2), fused=said(0, 0, 1, 1, 2, 2),
                labels=labels)
-    train_set = dict(h_pen=torch.randn(6, 48), h_fin=torch.randn(6, 48), logits=test["logits"], labels=labels)
+    train_set = dict(h_pen=torch.randn(6, 48), h_fin=torch.randn(6, 48), fused=test["fused"], labels=labels)
     report = train.report(model, test, val, train_set, ["a", "b", "c"], [200, 50, 5], [5, 50, 200], {})
     assert (report["many"], report["medium"], report["few"]) == (0.0, 1.0, 1.0)  # by [5, 50, 200]
     assert report["fusion_val_correlation"] == pytest.approx(1.0)
@@ -406,9 +406,20 @@ def test_linear_probe_separates_separable_features():
     labels = torch.arange(5).repeat_interleave(torch.tensor(counts))
     h = centres[labels] + 0.5 * torch.randn(len(labels), 32)
     probe = train.linear_probe(h, labels, log_prior)
-    assert (probe(h).argmax(1) == labels).all()
+    assert (probe(h) == labels).all()
     test_labels = torch.arange(5).repeat(20)
-    assert (probe(centres[test_labels] + 0.5 * torch.randn(100, 32)).argmax(1) == test_labels).all()
+    assert (probe(centres[test_labels] + 0.5 * torch.randn(100, 32)) == test_labels).all()
+
+
+def test_linear_probe_in_chunks_is_the_same_fit():
+    """Bounded memory: the loss summed over chunks of images is the full-batch loss, so the fit is the same."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(torch.tensor([40, 20, 10, 5]))
+    h = torch.randn(4, 12, generator=generator)[labels] + torch.randn(75, 12, generator=generator)
+    log_prior = torch.log(torch.tensor([40, 20, 10, 5]) / 75)
+    whole, chunked = (train.linear_probe(h, labels, log_prior, chunk=chunk) for chunk in (8192, 16))
+    x = torch.randn(500, 12, generator=generator)
+    assert (whole(x) == chunked(x)).float().mean() > 0.99
 
 
 def test_linear_probe_with_logit_adjustment_is_balanced_on_overlapping_long_tailed_features():
@@ -421,7 +432,7 @@ def test_linear_probe_with_logit_adjustment_is_balanced_on_overlapping_long_tail
     labels, test_labels = torch.arange(6).repeat_interleave(counts), torch.arange(6).repeat(300)
     h, test_h = sample(labels), sample(test_labels)
     log_prior = torch.log(counts / counts.sum())
-    balanced = lambda tau: scilt.long_tail_metrics(train.linear_probe(h, labels, log_prior, tau)(test_h).argmax(1),
+    balanced = lambda tau: scilt.long_tail_metrics(train.linear_probe(h, labels, log_prior, tau)(test_h),
                                                    test_labels, counts)["balanced_acc"]
     assert balanced(1.0) > balanced(0.0) + 0.03
 
@@ -456,8 +467,8 @@ def test_predict_and_export_give_the_evaluations_predictions(tmp_path, capsys):
     data = train.load_data("folder", root, img_size=16, splits=out / "splits.csv")
     evaluated = train.predict(model, train.Loader(data.test, batch_size=64), torch.device("cpu"))
     assert len(data.test.items) == 15
-    for item, scores in zip(data.test.items, evaluated["logits"]):  # items: test/<class>/<file>
-        assert rows[item]["predicted"] == classes[scores.argmax()]
+    for item, predicted in zip(data.test.items, evaluated["fused"]):  # items: test/<class>/<file>
+        assert rows[item]["predicted"] == classes[predicted]
     per_class = {c: np.mean([row["predicted"] == c for path, row in rows.items() if path.split("/")[1] == c
                              and not row["error"]]) for c in classes}
     assert per_class == pytest.approx(metrics["per_class_acc"])
@@ -481,3 +492,14 @@ def test_predict_and_export_refuse_torchrun_and_need_a_run(tmp_path, capsys, mon
     assert "no checkpoint at" in fails(capsys, "--out", str(tmp_path), "--export", str(tmp_path / "m.safetensors"))
     monkeypatch.setenv("RANK", "0")
     assert "run in one process" in fails(capsys, "--out", str(tmp_path), "--predict", str(tmp_path))
+
+
+def test_scale_script_runs_train_py_functions_on_random_features():
+    result = subprocess.run([sys.executable, "tests/scale.py", "--images", "2000", "--classes", "20", "--dim", "48",
+                             "--val", "200", "--test", "200", "--probe-steps", "5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(line["seconds"]) == {"init_heads", "classify", "start_metrics (step 0 and the probe)",
+                                    "report (with the Rademacher check)"}
+    assert 0 < line["peak_rss_gb"] < 8 and line["images"] == 2000
