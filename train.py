@@ -325,10 +325,11 @@ def linear_probe(features, labels, log_prior, tau=1.0, weight_decay=1e-4, steps=
 def fit_probe(train_h, train_labels, val_h, val_labels, counts, device="cpu", steps=200):
     """The linear probe with its weight decay chosen by val balanced accuracy."""
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts))
-    probes = [linear_probe(train_h, train_labels, log_prior, TAU, decay, steps, device) for decay in PROBE_WEIGHT_DECAYS]
-    if len(val_labels) == 0:
-        return probes[len(probes) // 2]
-    return max(probes, key=lambda probe: head_metrics(probe(val_h), val_labels, counts)["balanced_acc"])
+    fit = lambda decay: linear_probe(train_h, train_labels, log_prior, TAU, decay, steps, device)
+    if len(val_labels) == 0:  # nothing to choose by: the middle weight decay alone
+        return fit(PROBE_WEIGHT_DECAYS[len(PROBE_WEIGHT_DECAYS) // 2])
+    return max(map(fit, PROBE_WEIGHT_DECAYS),
+               key=lambda probe: head_metrics(probe(val_h), val_labels, counts)["balanced_acc"])
 
 
 def start_metrics(train, val, test, counts, groups, classes, device="cpu", probe_steps=200):
