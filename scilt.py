@@ -243,8 +243,8 @@ class SciLT(nn.Module):
             head.set_class_means(h, labels)
             head.scale.fill_(1.0)
         if len(labels) > max_images:  # one number needs no more: a seeded subset, in chunks of (chunk, K)
-            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:max_images].to(labels.device)
-            h_pen, h_fin, labels = h_pen[keep], h_fin[keep], labels[keep]
+            keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:max_images]
+            h_pen, h_fin, labels = (t[keep.to(t.device)] for t in (h_pen, h_fin, labels))
         scales, losses = torch.logspace(0, 2, 161).tolist(), torch.zeros(161)  # 1 .. 100, 1.2% apart
         for i in range(0, len(labels), chunk):  # cosines at scale 1: every score is linear in s
             out, y = self.classify(h_pen[i:i + chunk], h_fin[i:i + chunk]), labels[i:i + chunk]

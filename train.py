@@ -480,7 +480,8 @@ def print_report(metrics):
               f"{metrics['fusion_val_correlation']:+.2f}")
     r = metrics["rademacher"]
     print(f"\nRademacher complexity on the {r['n']} training images, |w| <= t = {r['scale']:.3g} (estimate ± s.e. "
-          f"and its fraction of the bound t/sqrt(n) = {r['final']['bound']:.3f}, 2t/sqrt(n) for the sum):\n  " + ", ".join(
+          f"and its fraction of the bound t/sqrt(n) = {r['final']['bound']:.3f}, 2t/sqrt(n) for the sum):\n  "
+          + ", ".join(
               f"{k} {r[k]['estimate']:.3f} ± {r[k]['stderr']:.3f} ({r[k]['fraction']:.2f})"
               for k in ("penultimate", "final", "sum", "fused")))
     print("  the bound is fixed by n and t; the fraction says how diverse the training features are "
@@ -506,7 +507,8 @@ def plot_report(metrics, path):
     order = np.argsort(-counts, kind="stable")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw=dict(width_ratios=(2, 1)))
     styles = {"start": dict(color="0.6", marker="o", ms=3), "probe": dict(color="k", ls="--", marker="x"),
-              "final": dict(color="tab:blue", marker="s", ms=3), "penultimate": dict(color="tab:green", marker="^", ms=3),
+              "final": dict(color="tab:blue", marker="s", ms=3),
+              "penultimate": dict(color="tab:green", marker="^", ms=3),
               "fused": dict(color="tab:red", marker="o", lw=2)}
     for name, style in styles.items():
         if metrics["heads"].get(name):
