@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 METHODS = ("scilt", "final", "penultimate")
-FUSIONS = ("class", "fixed", "sample")  # a learned per-class gate (the default), a = 1/2, or a per-sample gate
+FUSIONS = ("class", "fixed")  # a learned per-class gate, or a = 1/2 (1 / levels)
 COSINE_SCALE = 25.0           # s = scale * cos(W_k, h) as a head is built; init_heads then fits it
 
 
@@ -114,10 +114,12 @@ def tap(backbone, x, blocks=(-2, -1)):
     """ONE pass through the blocks: h_l = pool(norm(z_l)), (B, C), for each of `blocks` (0-based, in block
     order); by default h_pen = pool(norm(z_{N-1})) and h_fin = pool(norm(z_N)). `norm` and `pool` are the
     backbone's own; timm's forward_intermediates hands back each norm(z_l) split into spatial and prefix
-    (CLS, register) tokens, which go back together before pooling. Nothing is kept between calls."""
+    (CLS, register) tokens, which go back together before pooling. Blocks after the last one asked for are
+    not run. Nothing is kept between calls."""
     prefix = backbone.num_prefix_tokens > 0
     levels = backbone.forward_intermediates(x, indices=[b % len(backbone.blocks) for b in blocks], norm=True,
-                                            output_fmt="NLC", return_prefix_tokens=prefix, intermediates_only=True)
+                                            output_fmt="NLC", return_prefix_tokens=prefix, stop_early=True,
+                                            intermediates_only=True)
     return [backbone.forward_head(torch.cat([z[1], z[0]], dim=1) if prefix else z, pre_logits=True)
             for z in levels]  # (B, T, C) with prefix tokens first, pooled to (B, C)
 
@@ -145,112 +147,103 @@ class CosineClassifier(nn.Module):
 
 
 class SciLTOutput(NamedTuple):
-    logits: torch.Tensor          # (B, K) what predictions come from
-    s1: Optional[torch.Tensor]    # (B, K) penultimate-level head, None if the method has none
-    s2: Optional[torch.Tensor]    # (B, K) final-level head, None if the method has none
+    logits: torch.Tensor          # (B, K) the fused scores s: what predictions come from
+    levels: list                  # (B, K) per level, in block order: [s_1, s_2] = penultimate, final by default
 
 
 class SciLT(nn.Module):
-    """A frozen timm ViT with LoRA, classifier1 on h_pen, classifier2 on h_fin, fused by a per-class gate.
+    """A frozen timm ViT with LoRA, a cosine classifier per level, fused by a per-class gate.
 
-    method: "scilt" (both heads, fused), "final" (final-layer head only: the standard PEFT long-tail
-    baseline) or "penultimate" (penultimate-layer head only). fusion: "class" (a_k = sigmoid(g_k), learned),
-    "fixed" (a = 1/2) or "sample" (a_k(x) = sigmoid(V_k [h_pen/|h_pen|, h_fin/|h_fin|] + c_k), learned: the
-    weights then depend on the image, and the fused class leaves F_{N-1} + F_N)."""
+    The paper's method is two levels: heads[0] (classifier1) on h_pen gives s_1, heads[1] (classifier2) on
+    h_fin gives s_2, and s = a * s_1 + (1 - a) * s_2 per class. `blocks` generalises it to any set of
+    levels l (0-based, or negative from the end; default the paper's N-1, N): s = sum_l a_l s_l, a per
+    class a softmax over the levels. method: "scilt" (all of that), "final" (the final level alone: the standard PEFT long-tail
+    baseline) or "penultimate" (block N-1 alone). fusion: "class" (a = softmax of a learned per-class gate)
+    or "fixed" (a = 1 / levels)."""
 
-    def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", rank=8, alpha=None,
-                 targets=("qkv", "proj"), tau=1.0, aux_weight=0.5):
+    def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", blocks=(-2, -1), rank=8,
+                 alpha=None, targets=("qkv", "proj"), tau=1.0, aux_weight=0.5):
         super().__init__()
         assert method in METHODS, f"method must be one of {METHODS}, got {method!r}"
         assert fusion in FUSIONS, f"fusion must be one of {FUSIONS}, got {fusion!r}"
         for attribute in ("blocks", "forward_intermediates", "forward_head", "num_prefix_tokens"):
             assert hasattr(backbone, attribute), f"backbone needs `{attribute}` like a timm ViT"
-        assert len(backbone.blocks) >= 2, "the tap needs at least two blocks"
+        depth = len(backbone.blocks)
+        assert depth >= 2, "the tap needs at least two blocks"
+        assert all(-depth <= b < depth for b in blocks), f"blocks must lie in -{depth}..{depth - 1}, got {blocks}"
         counts = torch.as_tensor(class_counts, dtype=torch.float)
         assert counts.ndim == 1 and (counts > 0).all(), f"class_counts must be positive, got {class_counts}"
         num_classes, dim = len(counts), backbone.num_features
         self.method, self.tau, self.aux_weight = method, tau, aux_weight
-        self.fusion = fusion if method == "scilt" else None  # the ablations have one head: nothing to fuse
+        self.blocks = sorted({b % depth for b in {"scilt": blocks, "final": [-1], "penultimate": [-2]}[method]})
+        self.fusion = fusion if len(self.blocks) > 1 else None  # one level: nothing to fuse
         self.backbone = backbone
         self.num_lora_layers = add_lora(backbone, rank, alpha, targets)
-        if method == "penultimate":  # z_N never reaches the output: the last block cannot learn
-            backbone.blocks[-1].requires_grad_(False)
-        self.classifier1 = CosineClassifier(dim, num_classes) if method != "final" else None
-        self.classifier2 = CosineClassifier(dim, num_classes) if method != "penultimate" else None
-        self.gate = self.sample_gate = None
-        if self.fusion == "class":  # the gate's logits g: a = sigmoid(g) = 1/2 at start
-            self.gate = nn.Parameter(torch.zeros(num_classes))
-        elif self.fusion == "sample":  # zero weights: a = 1/2 at start here too
-            self.sample_gate = nn.Linear(2 * dim, num_classes)
-            nn.init.zeros_(self.sample_gate.weight)
-            nn.init.zeros_(self.sample_gate.bias)
+        for block in backbone.blocks[self.blocks[-1] + 1:]:  # never reach the output: cannot learn
+            block.requires_grad_(False)
+        self.heads = nn.ModuleList(CosineClassifier(dim, num_classes) for _ in self.blocks)
+        # the gate's logits g: a = softmax(g) over the levels, 1 / levels at start (a = 1/2 for two)
+        self.gate = nn.Parameter(torch.zeros(num_classes, len(self.blocks))) if self.fusion == "class" else None
         self.register_buffer("log_prior", torch.log(counts / counts.sum()))
 
-    def features(self, x):
-        return tap(self.backbone, x)
+    def level_names(self):
+        """"penultimate" for block N-1, "final" for block N, "block<l>" (1-based) for the others."""
+        depth = len(self.backbone.blocks)
+        return [{depth - 2: "penultimate", depth - 1: "final"}.get(b, f"block{b + 1}") for b in self.blocks]
 
-    def fusion_weights(self, h_pen=None, h_fin=None):
-        """Per class, how much the prediction leans on the penultimate layer: a in [0, 1], shape (K,); with
-        a per-sample gate, (B, K) for the features given (which it then needs)."""
-        if self.sample_gate is not None:
-            if h_pen is None or h_fin is None:
-                raise ValueError("a per-sample gate's weights depend on the image: pass h_pen and h_fin")
-            h = torch.cat([F.normalize(h_pen, dim=-1), F.normalize(h_fin, dim=-1)], dim=-1)
-            return torch.sigmoid(self.sample_gate(h.to(self.sample_gate.weight.dtype)))
+    def features(self, x):
+        return tap(self.backbone, x, self.blocks)
+
+    def fusion_weights(self):
+        """(K, L): per class, how much the prediction leans on each level (rows sum to 1)."""
         if self.gate is not None:
-            return torch.sigmoid(self.gate)
-        a = {"scilt": 0.5, "final": 0.0, "penultimate": 1.0}[self.method]  # fixed fusion, or one head
-        return torch.full((len(self.log_prior),), a, device=self.log_prior.device)
+            return torch.softmax(self.gate, dim=1)
+        return torch.full((len(self.log_prior), len(self.blocks)), 1 / len(self.blocks), device=self.log_prior.device)
 
     @property
-    def scale(self):  # the heads' cosine scale: a temperature, shared by both heads
-        return (self.classifier1 if self.classifier1 is not None else self.classifier2).scale.item()
+    def scale(self):  # the heads' cosine scale: a temperature, shared by all levels
+        return self.heads[0].scale.item()
 
-    def gate_parameters(self):
-        """What learns the fusion weights (empty with fixed fusion and for the one-head ablations)."""
-        if self.gate is not None:
-            return [self.gate]
-        return list(self.sample_gate.parameters()) if self.sample_gate is not None else []
-
-    def classify(self, h_pen, h_fin):
-        s1 = self.classifier1(h_pen) if self.classifier1 is not None else None
-        s2 = self.classifier2(h_fin) if self.classifier2 is not None else None
-        if s1 is None or s2 is None:  # an ablation: its one head is the prediction
-            return SciLTOutput(s2 if s1 is None else s1, s1, s2)
-        a = self.fusion_weights(h_pen, h_fin)
-        # a classifier on the fused representation [h_pen, h_fin]: with a per-class or fixed a it stays inside
-        # F_{N-1} + F_N (a per-sample a(x) leaves it)
-        return SciLTOutput(a * s1 + (1 - a) * s2, s1, s2)
+    def classify(self, *h):
+        """The features of each level -> the fused scores s and each level's s_l."""
+        levels = [head(h_l) for head, h_l in zip(self.heads, h)]
+        if len(levels) == 1:  # an ablation: its one head is the prediction
+            return SciLTOutput(levels[0], levels)
+        # with two levels s = a * s_1 + (1 - a) * s_2: a classifier on the fused representation [h_pen, h_fin],
+        # inside F_{N-1} + F_N
+        a = self.fusion_weights().to(levels[0].dtype)
+        return SciLTOutput(sum(a[:, l] * s for l, s in enumerate(levels)), levels)
 
     def forward(self, x):
         return self.classify(*self.features(x))
 
     def loss(self, output, target):
-        """Dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2)), LA the logit-adjusted CE."""
+        """Dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2)) (+ one term per further level), LA the
+        logit-adjusted CE."""
         loss = logit_adjusted_loss(output.logits, target, self.log_prior, self.tau)
-        if self.method == "scilt":
-            loss = loss + self.aux_weight * (logit_adjusted_loss(output.s1, target, self.log_prior, self.tau)
-                                             + logit_adjusted_loss(output.s2, target, self.log_prior, self.tau))
+        if len(output.levels) > 1:
+            loss = loss + self.aux_weight * sum(logit_adjusted_loss(s, target, self.log_prior, self.tau)
+                                                for s in output.levels)
         return loss
 
     @torch.no_grad()
-    def init_heads(self, h_pen, h_fin, labels, max_images=20_000, chunk=4096):
-        """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features, with
-        the cosine scale (shared) that minimises this step-0 model's training loss: a temperature that
-        changes no prediction. Too high a scale (25) makes the first steps undo confident mistakes."""
-        heads = [(head, h) for head, h in ((self.classifier1, h_pen), (self.classifier2, h_fin)) if head is not None]
-        for head, h in heads:
-            head.set_class_means(h, labels)
+    def init_heads(self, h, labels, max_images=20_000, chunk=4096):
+        """The heads begin as nearest-class-mean classifiers on the (un-augmented) training features h, one
+        (N, D) per level, with the cosine scale (shared) that minimises this step-0 model's training loss: a
+        temperature that changes no prediction. Too high a scale (25) makes the first steps undo confident
+        mistakes."""
+        for head, h_l in zip(self.heads, h):
+            head.set_class_means(h_l, labels)
             head.scale.fill_(1.0)
         if len(labels) > max_images:  # one number needs no more: a seeded subset, in chunks of (chunk, K)
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:max_images]
-            h_pen, h_fin, labels = (t[keep.to(t.device)] for t in (h_pen, h_fin, labels))
+            h, labels = [h_l[keep.to(h_l.device)] for h_l in h], labels[keep.to(labels.device)]
         scales, losses = torch.logspace(0, 2, 161).tolist(), torch.zeros(161)  # 1 .. 100, 1.2% apart
         for i in range(0, len(labels), chunk):  # cosines at scale 1: every score is linear in s
-            out, y = self.classify(h_pen[i:i + chunk], h_fin[i:i + chunk]), labels[i:i + chunk]
-            losses += torch.tensor([len(y) * self.loss(SciLTOutput(*(None if z is None else s * z for z in out)), y)
+            out, y = self.classify(*(h_l[i:i + chunk] for h_l in h)), labels[i:i + chunk]
+            losses += torch.tensor([len(y) * self.loss(SciLTOutput(s * out.logits, [s * z for z in out.levels]), y)
                                     for s in scales])
-        for head, _ in heads:
+        for head in self.heads:
             head.scale.fill_(scales[losses.argmin()])
 
 
@@ -316,25 +309,28 @@ def rademacher_draws(features, bound, draws=1000, seed=0):
     return torch.cat(sups)
 
 
-def rademacher_check(h_pen, h_fin, fusion_weights, scale, draws=1000, seed=0):
+def rademacher_check(levels, fusion_weights, scale, draws=1000, seed=0):
     """The complexity of what the heads compute, F_l = {h -> <w, h/|h|> : |w| <= scale}, on the TRAINING
-    sample (what a generalisation bound is about). The sum class F_{N-1} + F_N (R(F + G) <= R(F) + R(G),
-    Bartlett & Mendelson 2002; equal here, the supremum splits) is one average over the same, paired
-    sigmas, with its own standard error; `fused` is a F_{N-1} + (1 - a) F_N for the mean class's a. The
-    closed bound (Jensen), scale / sqrt(n) per level for unit features, is fixed by n and the scale: no
-    test. A `fraction` of it, 0.80 = sqrt(2/pi) for identical features to 1 for orthogonal ones, says how
-    diverse the training features are."""
+    sample (what a generalisation bound is about). `levels`: name -> features (n, D), by default the
+    penultimate and final ones. The sum class F_{N-1} + F_N (R(F + G) <= R(F) + R(G), Bartlett & Mendelson
+    2002; equal here, the supremum splits) is one average over the same, paired sigmas, with its own
+    standard error; `fused` is sum_l a_l F_l for the mean class's weights a (L,). The closed bound
+    (Jensen), scale / sqrt(n) per level for unit features, is fixed by n and the scale: no test. A
+    `fraction` of it, 0.80 = sqrt(2/pi) for identical features to 1 for orthogonal ones, says how diverse
+    the training features are."""
     def unit(h):  # a float64 copy, normalised in place: one (n, D) copy at a time
         h = torch.as_tensor(h).to(torch.float64, copy=True)
         return h.div_(h.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    pen, fin = (rademacher_draws(unit(h), scale, draws, seed) for h in (h_pen, h_fin))
-    a = torch.as_tensor(fusion_weights, dtype=torch.float64).mean().item()
-    bound = scale / math.sqrt(len(h_pen))
-    classes = {"penultimate": (pen, bound), "final": (fin, bound), "sum": (pen + fin, 2 * bound),
-               "fused": (a * pen + (1 - a) * fin, bound)}
-    check = {name: {"estimate": sups.mean().item(), "stderr": sups.std().item() / math.sqrt(draws),
-                    "bound": limit, "fraction": sups.mean().item() / limit} for name, (sups, limit) in classes.items()}
-    return {**check, "n": len(h_pen), "scale": float(scale), "mean_a": a}
+    sups = {name: rademacher_draws(unit(h), scale, draws, seed) for name, h in levels.items()}
+    a = torch.as_tensor(fusion_weights, dtype=torch.float64).reshape(-1, len(levels)).mean(0).tolist()
+    n = len(next(iter(levels.values())))
+    bound = scale / math.sqrt(n)
+    classes = {name: (s, bound) for name, s in sups.items()}
+    classes.update(sum=(sum(sups.values()), len(sups) * bound),
+                   fused=(sum(w * s for w, s in zip(a, sups.values())), bound))
+    check = {name: {"estimate": s.mean().item(), "stderr": s.std().item() / math.sqrt(draws),
+                    "bound": limit, "fraction": s.mean().item() / limit} for name, (s, limit) in classes.items()}
+    return {**check, "n": n, "scale": float(scale), "mean_a": a}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -349,7 +345,7 @@ def export(model, path, /, **metadata):
     state = {name.replace(".base.", "."): tensor.detach().cpu().clone().contiguous()
              for name, tensor in model.state_dict().items() if ".lora_" not in name}
     unmerge_lora(model)
-    metadata.update(method=model.method, fusion=model.fusion)
+    metadata.update(method=model.method, fusion=model.fusion, blocks=model.blocks)
     save_file(state, str(path), metadata={key: json.dumps(value) for key, value in metadata.items()})
 
 
@@ -362,7 +358,8 @@ def load_exported(path):
         state = {name: file.get_tensor(name) for name in file.keys()}
     backbone = create_backbone(metadata["model"], **metadata["model_kwargs"])
     backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")})
-    model = SciLT(backbone, state["log_prior"].exp(), method=metadata["method"], fusion=metadata["fusion"] or "class")
+    model = SciLT(backbone, state["log_prior"].exp(), method=metadata["method"], fusion=metadata["fusion"] or "class",
+                  blocks=metadata["blocks"])
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("backbone.")}, strict=False)
     merge_lora(model)  # B = 0: the plain model's speed, the same outputs
     return model.eval(), metadata

@@ -54,11 +54,12 @@ DEFAULTS = {  # what flags left out become, for the tiny ViT on a CPU and for a 
 WARMUP_FRACTION = 0.05   # of all steps: linear warm-up, then cosine decay to 0
 WEIGHT_DECAY = 1e-2      # AdamW's, on LoRA and the heads; none on the gate
 GATE_LR_SCALE = 30       # the gate's learning rate / the others': AdamW moves a parameter ~lr per step
+FUSION = "class"         # scilt's --fusion: a learned per-class gate over the levels
 TAU = 1.0                # logit adjustment: LA(z, y) = CE(z + tau * log prior, y)
 AUX_WEIGHT = 0.5         # lambda of the dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2))
 PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # the step-0 linear probe's, chosen on val
 # flags a checkpoint must agree with on --resume (all) and --eval-only (what makes the model)
-MODEL_FLAGS = ("data", "model", "pretrained", "method", "fusion", "lora_rank", "img_size", "imbalance_ratio")
+MODEL_FLAGS = ("data", "model", "pretrained", "method", "fusion", "blocks", "lora_rank", "img_size", "imbalance_ratio")
 SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
 
 
@@ -85,8 +86,10 @@ def parse_args(argv=None):
                    help="start from pretrained weights (timm's hub; for tiny, tiny_vit.safetensors)")
     p.add_argument("--weights", help="a local weights file (.safetensors or .pth) instead of the hub")
     p.add_argument("--method", default="scilt", choices=scilt.METHODS)
-    p.add_argument("--fusion", default="class", choices=scilt.FUSIONS,
-                   help="a learned per-class gate, a = 1/2, or a learned per-sample gate")
+    p.add_argument("--fusion", default=FUSION, choices=scilt.FUSIONS,
+                   help="how scilt fuses its levels: a learned per-class gate, or a = 1 / levels")
+    p.add_argument("--blocks", type=int, nargs="+", default=[-2, -1],
+                   help="the levels scilt fuses: blocks 1..N, or -1 (N), -2 (N-1), ...; the paper's -2 -1 by default")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--img-size", type=int)
     p.add_argument("--augment", choices=AUGMENTS, help="default: strong from 128 px up, light below")
@@ -168,23 +171,30 @@ def loader(dataset, args, device, *, train=False):
 
 @torch.no_grad()
 def predict(model, data_loader, device):
-    """Of every image of the set, gathered from all processes: the features h_pen, h_fin (N, D), the label,
-    and the class each head predicts (`fused`, `penultimate`, `final`: what the method has). What grows
-    with N is kept, nothing that grows with N x K: the report needs only the predicted classes."""
+    """Of every image of the set, gathered from all processes: the features h (N, L, D) of the model's L
+    levels (then of the final block, the linear probe's, if it is not the last level), the label, and the
+    class predicted by the fused scores (`fused`) and by each level's head (by its name). What grows with
+    N is kept, nothing that grows with N x K: the report needs only the predicted classes."""
     model.eval()
-    heads = {"fused": True, "penultimate": model.classifier1 is not None, "final": model.classifier2 is not None}
-    no_features, no_classes = torch.zeros(0, model.backbone.num_features), torch.zeros(0, dtype=torch.long)
-    keep = {"h_pen": [no_features], "h_fin": [no_features], "labels": [no_classes],  # the same keys on every
-            **{name: [no_classes] for name, present in heads.items() if present}}   # process, even one with no image
+    final = len(model.backbone.blocks) - 1
+    blocks = model.blocks + ([final] if model.blocks[-1] != final else [])
+    names = ["fused", *model.level_names()]
+    keep = {"h": [torch.zeros(0, len(blocks), model.backbone.num_features)],   # the same keys on every
+            **{name: [torch.zeros(0, dtype=torch.long)] for name in ["labels", *names]}}  # process, even with no image
     for images, labels in data_loader:
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            h_pen, h_fin = model.features(images.to(device, non_blocking=True))
-            out = model.classify(h_pen, h_fin)
-        found = {"h_pen": h_pen.float(), "h_fin": h_fin.float(), "labels": labels,
-                 **{name: s.argmax(1) for name, s in zip(("fused", "penultimate", "final"), out) if s is not None}}
+            h = scilt.tap(model.backbone, images.to(device, non_blocking=True), blocks)
+            out = model.classify(*h[:len(model.blocks)])
+        found = {"h": torch.stack(h, 1).float(), "labels": labels,
+                 **{name: s.argmax(1) for name, s in zip(names, [out.logits, *out.levels])}}
         for key, value in found.items():
             keep[key].append(value.cpu())
     return gather({k: torch.cat(v) for k, v in keep.items()})
+
+
+def levels(model, result):
+    """The model's levels' features, one (N, D) each, from predict()'s result."""
+    return [result["h"][:, l] for l in range(len(model.blocks))]
 
 
 def gather(result):
@@ -254,28 +264,18 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
     return time.time() - started
 
 
-def val_score(model, val_loader, counts, device):
-    """What picks the epoch a run keeps: the fused prediction's balanced accuracy on val."""
-    val = predict(model, val_loader, device)
-    return head_metrics(val["fused"], val["labels"], counts)["balanced_acc"]
-
-
 def train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path):
-    """From state["epoch"] to args.epochs: train, keep the epoch that does best on val (the last one if there
-    is no val image), save a checkpoint after each epoch."""
-    if len(data.val) == 0:
-        log("no val images: the test set is evaluated with the last epoch")
+    """From state["epoch"] to args.epochs: train, log the val score, save a checkpoint after each epoch.
+    The run keeps its last epoch: the cosine schedule ends at lr 0, and a small val set picks noise."""
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     train_loader = loader(data.train, args, device, train=True)
     for epoch in range(state["epoch"], args.epochs):
         state["train_seconds"] += train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log)
         state["epoch"] = epoch + 1
-        score = 0.0
         if len(data.val):
-            score = val_score(model, val_loader, data.class_counts, device)
-            log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% (best {100 * max(score, state['best_val']):.1f}%)")
-        if score > state["best_val"] or not len(data.val):
-            state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))
+            val = predict(model, val_loader, device)
+            score = head_metrics(val["fused"], val["labels"], data.class_counts)["balanced_acc"]
+            log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}%")
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_atomically({"state": state, "model": trainable_state(model), "classes": data.classes,
                              "class_counts": data.class_counts,
@@ -336,9 +336,9 @@ def start_metrics(train, val, test, counts, groups, classes, device="cpu", probe
     """The model at step 0 (class-mean heads on the pretrained features, fused as the method fuses them)
     and a linear probe on the pretrained final-layer features: the two bars training must clear. `groups`:
     the counts that define many / medium / few."""
-    probe = fit_probe(train["h_fin"], train["labels"], val["h_fin"], val["labels"], counts, device, probe_steps)
+    probe = fit_probe(train["h"][:, -1], train["labels"], val["h"][:, -1], val["labels"], counts, device, probe_steps)
     return {name: head_metrics(predictions, test["labels"], groups, classes)
-            for name, predictions in (("start", test["fused"]), ("probe", probe(test["h_fin"])))}
+            for name, predictions in (("start", test["fused"]), ("probe", probe(test["h"][:, -1])))}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -360,26 +360,42 @@ def block_features(backbone, data_loader, device):
 
 def analyze(backbone, data, args, device, log):
     """For each block: class means (the heads' start) and a linear probe on its frozen features, scored on
-    the test set. Returns one entry per block, as layers.json holds it."""
+    the test set; and the pair of levels whose class means, averaged as scilt starts, serve the tail best
+    on val (balanced accuracy breaks ties; the paper's N-1, N wins those too). layers.json holds it all."""
     sets = {name: block_features(backbone.to(device), loader(dataset, args, device), device)
             for name, dataset in (("train", data.train_eval), ("val", data.val), ("test", data.test))}
-    counts, groups, layers = data.class_counts, data.group_counts, []
+    counts, groups, layers, val_scores = data.class_counts, data.group_counts, [], []
     for block in range(len(backbone.blocks)):
         h = {name: s["h"][:, block] for name, s in sets.items()}
-        means = scilt.CosineClassifier(h["train"].shape[1], len(counts)).set_class_means(h["train"], sets["train"]["labels"])
+        means = scilt.CosineClassifier(h["train"].shape[1], len(counts))
+        means.set_class_means(h["train"], sets["train"]["labels"])
         probe = fit_probe(h["train"], sets["train"]["labels"], h["val"], sets["val"]["labels"], counts, device)
         predictions = {"ncm": means(h["test"]).argmax(1), "probe": probe(h["test"])}
         layers.append({"block": block + 1, **{name: head_metrics(p, sets["test"]["labels"], groups, data.classes)
                                               for name, p in predictions.items()}})
+        val_scores.append(means(h["val"]))  # (N_val, K) cosines: a level's class-mean scores on val
         log(f"block {block + 1}/{len(backbone.blocks)}: class means {100 * layers[-1]['ncm']['balanced_acc']:.1f}%, "
             f"probe {100 * layers[-1]['probe']['balanced_acc']:.1f}% balanced accuracy")
-    return layers
+    depth, tail = len(layers), tail_group(layers)
+    pairs = [(depth - 1, depth)] + [(l, m) for m in range(2, depth + 1) for l in range(1, m)
+                                    if (l, m) != (depth - 1, depth)]  # the default first: it wins ties
+    on_val = [head_metrics((val_scores[l - 1] + val_scores[m - 1]).argmax(1), sets["val"]["labels"], groups)
+              for l, m in pairs]
+    best = max(range(len(pairs)), key=lambda i: (on_val[i][tail] or 0, on_val[i]["balanced_acc"] or 0))
+    if not len(sets["val"]["labels"]):  # nothing to choose by
+        best = 0
+    pick = lambda i: {"blocks": list(pairs[i]), "val": {k: on_val[i][k] for k in ("balanced_acc", tail)}}
+    return {"layers": layers, "recommended": pick(best), "default": pick(0)}
 
 
-def print_layers(layers):
-    groups = ("many", "medium", "few")
-    if any(layers[0]["ncm"][g] is None for g in groups):  # e.g. 8 classes, none with > 100 images
-        groups = ("head", "middle", "tail")
+def tail_group(layers):
+    """few (< 20 training images) where there are classes in each of many / medium / few, else tail (by rank)."""
+    return "few" if all(layers[0]["ncm"][g] is not None for g in ("many", "medium", "few")) else "tail"
+
+
+def print_layers(analysis):
+    layers, tail = analysis["layers"], tail_group(analysis["layers"])
+    groups = ("many", "medium", "few") if tail == "few" else ("head", "middle", "tail")
     columns = [(kind, key) for kind in ("ncm", "probe") for key in ("balanced_acc", *groups)]
     best = {c: max(layer[c[0]][c[1]] or 0 for layer in layers) for c in columns}
     cell = lambda layer, c: "     -" if layer[c[0]][c[1]] is None else \
@@ -390,18 +406,22 @@ def print_layers(layers):
     for layer in layers:
         print(f"{layer['block']:<6d}" + "".join(f"{cell(layer, c):>8s}" + ("  " if i == 3 else "")
                                              for i, c in enumerate(columns)))
-    tail, pen, fin = groups[-1], layers[-2], layers[-1]
+    pen, fin = layers[-2], layers[-1]
     verdict = [f"{kind} {100 * pen[kind][tail]:.1f}% vs {100 * fin[kind][tail]:.1f}%" for kind in ("probe", "ncm")]
     better = pen["probe"][tail] > fin["probe"][tail]
-    print(f"(* best block per column) On this data the penultimate block's frozen features serve the {tail} "
-          f"classes {'better' if better else 'no better'} than the final block's ({tail}: {', '.join(verdict)}).")
-
+    print(f"(* best block per column, on test) The penultimate block's frozen features serve the {tail} classes "
+          f"{'better' if better else 'no better'} than the final block's ({tail}: {', '.join(verdict)}).")
+    on_val = lambda choice: ", ".join(f"{k.removesuffix('_acc')} {100 * (v or 0):.1f}%"
+                                      for k, v in choice["val"].items())
+    chosen, default = analysis["recommended"], analysis["default"]
+    print(f"Recommended on val: --blocks {' '.join(map(str, chosen['blocks']))} (their class means: {on_val(chosen)}; "
+          f"the default {' '.join(map(str, default['blocks']))}: {on_val(default)})")
 
 
 def plot_layers(layers, path):
     """layers.png: balanced and tail accuracy of each block's frozen features, class means and probe."""
     plt = pyplot()
-    tail = "few" if all(layer["ncm"]["few"] is not None for layer in layers) else "tail"
+    tail = tail_group(layers)
     blocks = [layer["block"] for layer in layers]
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, color in (("ncm", "tab:blue"), ("probe", "tab:orange")):
@@ -420,30 +440,19 @@ def plot_layers(layers, path):
 # ----------------------------------------------------------------------------------------------------
 # The report: metrics.json, the printed table and report.png.
 
-@torch.no_grad()
-def class_fusion_weights(model, train):
-    """a per class; for a per-sample gate, each class's mean a over its training images (in chunks of
-    images: never an (N, K) matrix)."""
-    if model.sample_gate is None:
-        return model.fusion_weights().cpu()
-    device, labels = model.sample_gate.weight.device, train["labels"]
-    sums = torch.zeros(len(model.log_prior))
-    for start in range(0, len(labels), 8192):
-        a = model.fusion_weights(*(train[k][start:start + 8192].to(device) for k in ("h_pen", "h_fin"))).cpu()
-        sums.index_add_(0, labels[start:start + 8192], a[torch.arange(len(a)), labels[start:start + 8192]])
-    return sums / torch.bincount(labels, minlength=len(sums)).clamp(min=1)
-
-
 def report(model, test, val, train, classes, counts, groups, before):
     """metrics.json, accuracies as fractions: the fused prediction's `overall_acc`, `balanced_acc`,
     `macro_f1`, `many` / `medium` / `few` (by `groups`, the counts that define them), `head` / `middle` /
-    `tail` (by rank) and `per_class_acc`; `heads`: the same for `start` (step 0), `probe`, `penultimate`,
-    `final` and `fused` (None for a head the method lacks); `class_counts`; `fusion_weights` (class -> a);
-    `fusion_val_correlation` (over classes, of a with the penultimate head's val gain over the final's);
-    `rademacher` (scilt.rademacher_check on the training sample, with its balanced accuracy and the gap)."""
-    heads = {name: head_metrics(test[name], test["labels"], groups, classes)
-             for name in ("fused", "final", "penultimate") if name in test}
-    a = class_fusion_weights(model, train)
+    `tail` (by rank) and `per_class_acc`; `heads`: the same for `start` (step 0), `probe`, `fused` and each
+    level's head (`penultimate`, `final`, `block<l>`; None for one the method lacks); `class_counts`;
+    `fusion_weights` (class -> a, its weight on the levels below the final block: for the paper's two, on
+    the penultimate one); `level_weights` (class -> level -> weight); `fusion_val_correlation` (over
+    classes, of a with the penultimate head's val gain over the final's); `rademacher`
+    (scilt.rademacher_check on the training sample, with its balanced accuracy and the gap)."""
+    names = model.level_names()
+    heads = {name: head_metrics(test[name], test["labels"], groups, classes) for name in ["fused", *names]}
+    weights = model.fusion_weights().detach().cpu()  # (K, L)
+    a = 1 - weights[:, names.index("final")] if "final" in names else torch.ones(len(classes))
     correlation = None
     if "penultimate" in val and "final" in val and a.std() > 0:  # does a class lean on the level serving it better?
         gain = [p - f if p is not None and f is not None else 0.0 for p, f in zip(
@@ -451,13 +460,15 @@ def report(model, test, val, train, classes, counts, groups, before):
             head_metrics(val["final"], val["labels"], counts)["per_class_acc"].values())]
         correlation = float(np.corrcoef(a.numpy(), gain)[0, 1]) if np.std(gain) > 0 else None
     train_balanced = head_metrics(train["fused"], train["labels"], counts)["balanced_acc"]
-    rademacher = scilt.rademacher_check(train["h_pen"], train["h_fin"], a, model.scale)
+    rademacher = scilt.rademacher_check(dict(zip(names, levels(model, train))), weights, model.scale)
     rademacher.update(train_balanced_acc=train_balanced, gap=train_balanced - heads["fused"]["balanced_acc"])
     return {
         **heads["fused"],
         "class_counts": dict(zip(classes, counts)),
-        "heads": {**before, **{name: heads.get(name) for name in ("penultimate", "final", "fused")}},
+        "heads": {**before, **{name: heads.get(name) for name in dict.fromkeys([*names, "penultimate", "final"])},
+                  "fused": heads["fused"]},
         "fusion_weights": dict(zip(classes, a.tolist())),
+        "level_weights": {c: dict(zip(names, w)) for c, w in zip(classes, weights.tolist())},
         "fusion_val_correlation": correlation,
         "rademacher": rademacher,
     }
@@ -467,11 +478,11 @@ def print_report(metrics):
     percent = lambda v: "     -" if v is None else f"{100 * v:6.1f}"
     columns = ("overall_acc", "balanced_acc", "many", "medium", "few", "head", "middle", "tail")
     print(f"\n{'test set':22s}" + "".join(f"{c.removesuffix('_acc'):>9s}" for c in columns))
-    for name, label in (("start", "start (step 0)"), ("probe", "linear probe"), ("fused", "fused"),
-                        ("final", "final head"), ("penultimate", "penultimate head")):
-        if metrics["heads"].get(name):
-            print(f"{label:22s}" + "".join(f"{percent(metrics['heads'][name][c]):>9s}" for c in columns))
-    print(f"\n{'class':26s}{'train':>7s}{'acc':>8s}{'a (penult.)':>13s}")
+    labels = {"start": "start (step 0)", "probe": "linear probe", "fused": "fused"}
+    for name, head in metrics["heads"].items():
+        if head:
+            print(f"{labels.get(name, name + ' head'):22s}" + "".join(f"{percent(head[c]):>9s}" for c in columns))
+    print(f"\n{'class':26s}{'train':>7s}{'acc':>8s}{'a':>13s}")
     for name, count in metrics["class_counts"].items():
         print(f"{name:26s}{count:7d}{percent(metrics['per_class_acc'][name]):>8s}"
               f"{metrics['fusion_weights'][name]:13.3f}")
@@ -480,10 +491,9 @@ def print_report(metrics):
               f"{metrics['fusion_val_correlation']:+.2f}")
     r = metrics["rademacher"]
     print(f"\nRademacher complexity on the {r['n']} training images, |w| <= t = {r['scale']:.3g} (estimate ± s.e. "
-          f"and its fraction of the bound t/sqrt(n) = {r['final']['bound']:.3f}, 2t/sqrt(n) for the sum):\n  "
-          + ", ".join(
-              f"{k} {r[k]['estimate']:.3f} ± {r[k]['stderr']:.3f} ({r[k]['fraction']:.2f})"
-              for k in ("penultimate", "final", "sum", "fused")))
+          f"and its fraction of the bound t/sqrt(n) = {r['fused']['bound']:.3f}, L t/sqrt(n) for the sum of L):\n  "
+          + ", ".join(f"{k} {v['estimate']:.3f} ± {v['stderr']:.3f} ({v['fraction']:.2f})"
+                      for k, v in r.items() if isinstance(v, dict)))
     print("  the bound is fixed by n and t; the fraction says how diverse the training features are "
           "(0.80: all alike, 1: orthogonal)")
     print(f"train - test balanced accuracy gap: {percent(r['train_balanced_acc']).strip()}% - "
@@ -510,9 +520,9 @@ def plot_report(metrics, path):
               "final": dict(color="tab:blue", marker="s", ms=3),
               "penultimate": dict(color="tab:green", marker="^", ms=3),
               "fused": dict(color="tab:red", marker="o", lw=2)}
-    for name, style in styles.items():
-        if metrics["heads"].get(name):
-            head = metrics["heads"][name]
+    for name, head in metrics["heads"].items():
+        if head:
+            style = styles.get(name, dict(marker="v", ms=3))
             accuracy = [head["per_class_acc"][classes[k]] for k in order]
             left.plot(counts[order], [np.nan if a is None else 100 * a for a in accuracy], **style,
                       label=f"{name} ({100 * head['balanced_acc']:.1f})")
@@ -561,6 +571,14 @@ def load_checkpoint(path, classes=None):
     return checkpoint
 
 
+def load_trained(model, checkpoint, path):
+    """What training changed (LoRA, heads, gate, scales) into the model built from the same flags."""
+    unexpected = model.load_state_dict(checkpoint["model"], strict=False).unexpected_keys
+    if unexpected:
+        raise Abort(f"checkpoint {path} holds {', '.join(unexpected[:3])}, which this model lacks: it was written "
+                    "by another version of train.py; train it again into another --out")
+
+
 def restore(model, optimizer, checkpoint, path, args):
     """Load a checkpoint into the model (and optimizer) after checking that this run's flags are the ones it
     was trained with: what makes the model, and on --resume what shapes the learning-rate schedule."""
@@ -568,15 +586,28 @@ def restore(model, optimizer, checkpoint, path, args):
     was, asked = checkpoint["args"], vars(args)
     differ = [flag for flag in flags if was.get(flag) != asked[flag]]
     if differ:
-        show = lambda values: " ".join(f"--{flag.replace('_', '-')} {values.get(flag)}" for flag in differ)
+        value = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v
+        show = lambda values: " ".join(f"--{flag.replace('_', '-')} {value(values.get(flag))}" for flag in differ)
         raise Abort(f"checkpoint {path} was trained with {show(was)}, but this run asks for {show(asked)}: "
                     "pass the flags it was trained with, or another --out")
-    model.load_state_dict(checkpoint["model"], strict=False)
+    load_trained(model, checkpoint, path)
     if not args.eval_only:
         optimizer.load_state_dict(checkpoint["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------------
+
+def build_model(args, class_counts):
+    """SciLT on the backbone the flags name; --blocks counts 1..N (or -1 = N back), as --analyze does."""
+    backbone = load_backbone(args)
+    depth = len(backbone.blocks)
+    if not all(1 <= abs(b) <= depth for b in args.blocks):
+        raise Abort(f"--blocks {' '.join(map(str, args.blocks))}: {args.model} has {depth} blocks, "
+                    f"expected numbers in 1..{depth} or -{depth}..-1")
+    return scilt.SciLT(backbone, class_counts, method=args.method, fusion=args.fusion,
+                       blocks=[b - 1 if b > 0 else b for b in args.blocks], rank=args.lora_rank, tau=TAU,
+                       aux_weight=AUX_WEIGHT)
+
 
 def run(args):
     rank, world, device = setup_distributed(args.device)
@@ -605,36 +636,34 @@ def run(args):
             print_layers(layers)
             out.mkdir(parents=True, exist_ok=True)
             save_atomically(layers, out / "layers.json", text=True)
-            plot_layers(layers, out / "layers.png")
+            plot_layers(layers["layers"], out / "layers.png")
             log(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
         return out
     checkpoint = load_checkpoint(checkpoint_path, data.classes) if continuing else None
-    model = scilt.SciLT(load_backbone(args), data.class_counts, method=args.method, fusion=args.fusion,
-                        rank=args.lora_rank, tau=TAU, aux_weight=AUX_WEIGHT).to(device)
+    model = build_model(args, data.class_counts).to(device)
     trainable, total = scilt.count_parameters(model)
     log(f"{args.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
         f"{len(data.classes)} classes, training counts {max(data.class_counts)}..{min(data.class_counts)}")
     log(f"{args.model} + LoRA r={args.lora_rank} on {model.num_lora_layers} layers, method {args.method}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%), {world} x {device}")
 
-    gate = model.gate_parameters()
-    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in gate)]  # LoRA, heads
+    others = [p for p in model.parameters() if p.requires_grad and p is not model.gate]  # LoRA, heads
     optimizer = torch.optim.AdamW([{"params": others, "weight_decay": WEIGHT_DECAY, "lr_scale": 1.0},
-                                   {"params": gate, "weight_decay": 0.0, "lr_scale": GATE_LR_SCALE}])
+                                   {"params": [model.gate] if model.gate is not None else [], "weight_decay": 0.0,
+                                    "lr_scale": GATE_LR_SCALE}])
     test_loader, val_loader = loader(data.test, args, device), loader(data.val, args, device)
     train_eval_loader = loader(data.train_eval, args, device)
     if continuing:
         restore(model, optimizer, checkpoint, checkpoint_path, args)
         state = checkpoint["state"]
-        log(f"loaded {checkpoint_path}: {state['epoch']} epoch(s) done, best val balanced acc "
-            f"{100 * state['best_val']:.1f}% at epoch {state['best_epoch']}")
+        log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done")
     else:  # heads start as nearest-class-mean classifiers on the un-augmented pretrained features
         train = predict(model, train_eval_loader, device)
-        model.init_heads(train["h_pen"].to(device), train["h_fin"].to(device), train["labels"].to(device))
+        model.init_heads([h.to(device) for h in levels(model, train)], train["labels"].to(device))
         val, test = predict(model, val_loader, device), predict(model, test_loader, device)
         before = start_metrics(train, val, test, data.class_counts, data.group_counts, data.classes, device) \
             if rank == 0 else None  # the probe is fit by the first process alone
-        state = dict(epoch=0, best_epoch=0, best_val=-1.0, train_seconds=0.0, best=None, before=before)
+        state = dict(epoch=0, train_seconds=0.0, before=before)
         if rank == 0:
             log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale fitted "
                 f"to {model.scale:.3g}), linear probe on frozen features {100 * before['probe']['balanced_acc']:.1f}% "
@@ -644,14 +673,12 @@ def run(args):
 
     if not args.eval_only:
         train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path)
-    if state["best"] is not None:
-        model.load_state_dict(state["best"], strict=False)
     test, val = predict(model, test_loader, device), predict(model, val_loader, device)
     train = predict(model, train_eval_loader, device)
     if rank == 0:
         metrics = report(model, test, val, train, data.classes, data.class_counts, data.group_counts, state["before"])
         metrics.update(trainable_params=trainable, total_params=total, train_seconds=round(state["train_seconds"], 1),
-                       method=args.method, best_epoch=state["best_epoch"], epochs=state["epoch"], args=vars(args))
+                       method=args.method, epochs=state["epoch"], args=vars(args))
         print_report(metrics)
         save_atomically(metrics, out / "metrics.json", text=True)
         plot_report(metrics, out / "report.png")
@@ -663,7 +690,7 @@ def run(args):
 # Using a trained run: --predict (a CSV of predictions) and --export (one file for inference).
 
 def load_run(args, device):
-    """The model a run's evaluation used (its val-best epoch), rebuilt from its checkpoint and arguments, in
+    """The model a run's evaluation used (its last epoch), rebuilt from its checkpoint and arguments, in
     eval mode; the backbone from timm or a weights file as trained (a --weights given now replaces it)."""
     path = Path(args.out) / "checkpoint.pt"
     if not path.exists():
@@ -672,9 +699,9 @@ def load_run(args, device):
     trained = argparse.Namespace(**checkpoint["args"])
     trained.weights = args.weights or trained.weights
     counts = checkpoint.get("class_counts", [1] * len(checkpoint["classes"]))  # older checkpoints lack them
-    model = scilt.SciLT(load_backbone(trained), counts, method=trained.method,
-                        fusion=trained.fusion, rank=trained.lora_rank)
-    model.load_state_dict(checkpoint["state"]["best"] or checkpoint["model"], strict=False)
+    trained.blocks = getattr(trained, "blocks", [-2, -1])
+    model = build_model(trained, counts)
+    load_trained(model, checkpoint, path)
     return model.to(device).eval(), trained, checkpoint["classes"]
 
 

@@ -47,7 +47,7 @@ def main():
     labels = torch.arange(args.classes).repeat_interleave(counts)
     balanced = lambda n: torch.arange(n) % args.classes
     centres = 3 * F.normalize(torch.randn(args.classes, args.dim, generator=generator), dim=-1) / args.dim ** 0.5
-    sets = {name: {"labels": y, "h_pen": features(y, centres, generator), "h_fin": features(y, centres, generator)}
+    sets = {name: {"labels": y, "h": torch.stack([features(y, centres, generator) for _ in range(2)], 1)}
             for name, y in (("train", labels), ("val", balanced(args.val)), ("test", balanced(args.test)))}
     backbone = scilt.create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=16, embed_dim=args.dim,
                                      depth=2, num_heads=max(1, args.dim // 64))
@@ -63,12 +63,12 @@ def main():
         print(f"{name}: {seconds[name]} s, peak memory so far {peak[name]} GB", file=sys.stderr, flush=True)
         return result
 
-    timed("init_heads", model.init_heads, sets["train"]["h_pen"], sets["train"]["h_fin"], labels)
+    timed("init_heads", model.init_heads, train.levels(model, sets["train"]), labels)
 
     def classify_all():  # what predict() keeps of each image after its forward pass: the predicted classes
         for s in sets.values():
-            parts = [[z.argmax(1) for z in model.classify(p, f)] for p, f in zip(s["h_pen"].split(8192),
-                                                                                  s["h_fin"].split(8192))]
+            parts = [[z.argmax(1) for z in (out.logits, *out.levels)]
+                     for out in (model.classify(h[:, 0], h[:, 1]) for h in s["h"].split(8192))]
             s.update({name: torch.cat([part[i] for part in parts] or [torch.zeros(0, dtype=torch.long)])
                       for i, name in enumerate(("fused", "penultimate", "final"))})
 

@@ -79,56 +79,80 @@ def cell(values):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
 
+def run_once(name, label, seed, tag, flags, sets, analyze=False):
+    """metrics.json (layers.json) of `python train.py <set flags> --seed S <flags>`, run if missing."""
+    out = OUT / (tag or "default") / name / f"{label}-{seed}"
+    result = out / ("layers.json" if analyze else "metrics.json")
+    if not result.exists():
+        command = [sys.executable, "train.py", *sets[name], "--seed", str(seed), "--out", str(out), *flags]
+        print(" ".join(command[1:]), file=sys.stderr, flush=True)
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(result.read_text())
+
+
 def runs_of(name, method, seeds, tag, flags, sets):
-    """metrics.json of `python train.py <set flags> --method M --seed S <flags>` per seed, run if missing."""
-    runs = []
-    for seed in seeds:
-        out = OUT / (tag or "default") / name / f"{method}-{seed}"
-        if not (out / "metrics.json").exists():
-            command = [sys.executable, "train.py", *sets[name], "--method", method, "--seed", str(seed),
-                       "--out", str(out), *flags]
-            print(" ".join(command[1:]), file=sys.stderr, flush=True)
-            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        runs.append(json.loads((out / "metrics.json").read_text()))
-    return runs
+    return [run_once(name, method, seed, tag, ["--method", method, *flags], sets) for seed in seeds]
 
 
-def spread(runs):
-    return [max(r["fusion_weights"].values()) - min(r["fusion_weights"].values()) for r in runs]
+def print_analysis(name, analyses):
+    """--analyze over seeds: each block's frozen class means and probe, balanced and tail accuracy on test
+    (mean over seeds, * the best block per column), and the level pair each seed's val recommends."""
+    layers = [a["layers"] for a in analyses]
+    tail = "few" if layers[0][0]["ncm"]["few"] is not None and layers[0][0]["ncm"]["many"] is not None else "tail"
+    columns = [(kind, key) for kind in ("ncm", "probe") for key in ("balanced_acc", tail)]
+    mean = lambda block, c: statistics.mean(100 * (run[block][c[0]][c[1]] or 0) for run in layers)
+    best = {c: max(range(len(layers[0])), key=lambda block: mean(block, c)) for c in columns}
+    print(f"\n{name}, --analyze on the frozen stand-in (test, mean of seeds {len(layers)}; * best block)\n")
+    print("| block | class means balanced | class means " + tail + " | probe balanced | probe " + tail + " |")
+    print("|---|---|---|---|---|")
+    for block in range(len(layers[0])):
+        print(f"| {block + 1} | " + " | ".join(f"{mean(block, c):.1f}{'*' if best[c] == block else ''}" for c in columns) + " |")
+    print("\nrecommended on val, by seed: " + ", ".join(" ".join(map(str, a["recommended"]["blocks"])) for a in analyses))
 
 
 def print_table(name, args, flags, sets):
+    analyses = [run_once(name, "analyze", seed, args.tag, ["--analyze", *flags], sets, analyze=True) for seed in args.seeds]
+    print_analysis(name, analyses)
     runs = {method: runs_of(name, method, args.seeds, args.tag, flags, sets) for method in args.methods}
-    rows = {"start": [r["heads"]["start"] for r in runs[args.methods[-1]]],
-            "probe": [r["heads"]["probe"] for r in runs[args.methods[-1]]]}
-    rows.update({method: [r["heads"]["fused" if method == "scilt" else method] for r in rs]
-                 for method, rs in runs.items()})
+    default = [len(analyses[0]["layers"]) - 1, len(analyses[0]["layers"])]
+    runs["scilt, recommended levels"] = [  # the default's run where the default is recommended
+        scilt if a["recommended"]["blocks"] == default else
+        run_once(name, "scilt-recommended", seed, args.tag, ["--blocks", *map(str, a["recommended"]["blocks"]), *flags], sets)
+        for seed, a, scilt in zip(args.seeds, analyses, runs["scilt"])]
+    rows = {"start": [r["heads"]["start"] for r in runs["scilt"]], "probe": [r["heads"]["probe"] for r in runs["scilt"]]}
+    rows.update({method: [r["heads"]["fused"] for r in rs] for method, rs in runs.items()})
     bar = [max(s["balanced_acc"], q["balanced_acc"]) for s, q in zip(rows["start"], rows["probe"])]
-    print(f"\n{name} ({sum(runs[args.methods[-1]][0]['class_counts'].values())} training images, "
+    print(f"\n{name} ({sum(runs['scilt'][0]['class_counts'].values())} training images, "
           f"seeds {' '.join(map(str, args.seeds))})\n")
     print(f"| | {' | '.join(c.removesuffix('_acc') for c in COLUMNS)} | balanced − max(start, probe) |")
     print("|---" * (len(COLUMNS) + 2) + "|")
     for row, metrics in rows.items():
         gain = cell([m["balanced_acc"] - b for m, b in zip(metrics, bar)]) if row in runs else ""
         print(f"| {row} | {' | '.join(cell([m[c] for m in metrics]) for c in COLUMNS)} | {gain} |")
-    if "scilt" in runs:
-        correlation = [r["fusion_val_correlation"] for r in runs["scilt"]]
-        print(f"\nscilt: spread of the fusion weights (max a - min a) {', '.join(f'{s:.2f}' for s in spread(runs['scilt']))}; "
-              f"val correlation of a with the penultimate head's per-class gain "
-              f"{', '.join('-' if c is None else f'{c:+.2f}' for c in correlation)}")
+    for method in ("scilt", "scilt, recommended levels"):  # every run: the fused prediction against its own heads
+        print(f"\n{method}, balanced accuracy of each run's heads (" + "; ".join(
+            ", ".join(f"{head} {100 * m['balanced_acc']:.1f}" for head, m in r["heads"].items()
+                      if m and head not in ("start", "probe")) for r in runs[method]) + ")")
+        print(f"fused − its better head: {cell([fused_gain(r) for r in runs[method]])}")
+
+
+def fused_gain(run):
+    """The fused prediction's balanced accuracy minus that of the best of the run's own level heads."""
+    heads = run["heads"]
+    return heads["fused"]["balanced_acc"] - max(m["balanced_acc"] for h, m in heads.items()
+                                                if m and h not in ("start", "probe", "fused"))
 
 
 def print_fusions(name, args, flags, sets):
     """scilt with each --fusion; differences paired by seed against the default (class)."""
     runs = {f: runs_of(name, "scilt", args.seeds, "" if f == "class" else f"fusion-{f}", flags + ["--fusion", f], sets)
-            for f in ("class", "fixed", "sample")}
+            for f in ("class", "fixed")}
     print(f"\n{name}, scilt by fusion (seeds {' '.join(map(str, args.seeds))})\n")
-    print("| fusion | balanced | few | balanced − class | few − class | spread of a |\n|---|---|---|---|---|---|")
+    print("| fusion | balanced | few | balanced − class | fused − its better head |\n|---|---|---|---|---|")
     for f, rs in runs.items():
-        diff = lambda key: "" if f == "class" else cell([r[key] - c[key] for r, c in zip(rs, runs["class"])])
-        a = f"{statistics.mean(spread(rs)):.2f}" if f != "fixed" else "0"
-        print(f"| {f} | {cell([r['balanced_acc'] for r in rs])} | {cell([r['few'] for r in rs])} | "
-              f"{diff('balanced_acc')} | {diff('few')} | {a} |")
+        diff = "" if f == "class" else cell([r["balanced_acc"] - c["balanced_acc"] for r, c in zip(rs, runs["class"])])
+        print(f"| {f} | {cell([r['balanced_acc'] for r in rs])} | {cell([r['few'] for r in rs])} | {diff} | "
+              f"{cell([fused_gain(r) for r in rs])} |")
 
 
 def main():
@@ -136,7 +160,7 @@ def main():
     p.add_argument("--sets", nargs="+", default=["embedded", "small", "res48", "large"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["final", "penultimate", "scilt"])
-    p.add_argument("--fusions", action="store_true", help="compare --fusion class, fixed and sample instead")
+    p.add_argument("--fusions", action="store_true", help="compare --fusion class and fixed instead")
     p.add_argument("--tag", default="", help="a sub-folder name for runs with extra train.py flags")
     args, flags = p.parse_known_args()
     flags = [f for f in flags if f != "--"]

@@ -150,7 +150,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(method):
     out = model(torch.randn(6, 3, 32, 32))
     model.loss(out, torch.tensor([0, 1, 2, 3, 4, 0])).backward()
     expected = {n for n, p in model.named_parameters()
-                if n.endswith(("lora_A", "lora_B")) or n.startswith("classifier") or (n, method) == ("gate", "scilt")}
+                if n.endswith(("lora_A", "lora_B")) or n.startswith("heads.") or (n, method) == ("gate", "scilt")}
     if method == "penultimate":  # the last block's output never reaches the loss
         expected = {n for n in expected if not n.startswith(f"backbone.blocks.{len(model.backbone.blocks) - 1}.")}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -161,53 +161,72 @@ def test_gradients_reach_exactly_the_trainable_parameters(method):
             torch.testing.assert_close(p, frozen_before[name], rtol=0, atol=0)
 
 
-def test_per_sample_gate_starts_at_one_half_and_is_what_learns_the_fusion():
-    model, _ = build("scilt", fusion="sample")
+@pytest.mark.parametrize("blocks", [(0, 2), (0, 1), (0, 1, 2), (-3, -2, -1, 1)])
+def test_any_set_of_levels_taps_timm_intermediates_and_fuses_by_a_per_class_softmax(blocks):
+    model, pretrained = build("scilt", blocks=blocks)
+    model.eval(), pretrained.eval()
     x = torch.randn(4, 3, 32, 32)
-    out = model(x)
-    torch.testing.assert_close(out.logits, 0.5 * out.s1 + 0.5 * out.s2)  # a = 1/2 at start, as per class
-    model.loss(out, torch.tensor([0, 1, 2, 3])).backward()
-    assert model.gate_parameters() == [model.sample_gate.weight, model.sample_gate.bias]
-    assert model.gate is None and model.sample_gate.weight.grad.abs().sum() > 0
+    chosen = sorted({b % 3 for b in blocks})
+    assert model.blocks == chosen and model.level_names() == [["block1", "penultimate", "final"][b] for b in chosen]
+    after = [p for block in model.backbone.blocks[chosen[-1] + 1:] for p in block.parameters()]
+    assert not any(p.requires_grad for p in after)  # blocks after the last level never reach the output
+    # each level at step 0 is timm's own intermediate of the pretrained model, pooled
+    _, expected = pretrained.forward_intermediates(x, indices=chosen, norm=True, return_prefix_tokens=True,
+                                                   output_fmt="NLC")
+    for h, (spatial, prefix) in zip(model.features(x), expected):
+        torch.testing.assert_close(h, pretrained.forward_head(torch.cat([prefix, spatial], 1), pre_logits=True),
+                                   rtol=0, atol=0)
+    # one gate weight per class and level, a softmax over the levels: 1 / L at start
+    assert model.gate.shape == (len(COUNTS), len(chosen)) and len(model.heads) == len(chosen)
+    torch.testing.assert_close(model.fusion_weights(), torch.full((5, len(chosen)), 1 / len(chosen)))
     with torch.no_grad():
-        model.sample_gate.weight.normal_()
-        model.sample_gate.bias.normal_()
-        h_pen, h_fin = model.features(x)
-        a = model.fusion_weights(h_pen, h_fin)
-        out = model.classify(h_pen, h_fin)
-    assert a.shape == (4, len(COUNTS)) and a.std(0).min() > 0  # it differs from image to image
-    torch.testing.assert_close(out.logits, a * out.s1 + (1 - a) * out.s2)
-    # a(x) = sigmoid(V [h_pen/|h_pen|, h_fin/|h_fin|] + c), computed here independently
-    V, c = model.sample_gate.weight, model.sample_gate.bias
-    unit = lambda h: h / h.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(a, torch.sigmoid(torch.cat([unit(h_pen), unit(h_fin)], 1) @ V.T + c))
-    with pytest.raises(ValueError, match="depend on the image"):
-        model.fusion_weights()  # no features: no silent 1/2
+        model.gate.normal_()
+    out, a = model(x), torch.softmax(model.gate, dim=1)
+    torch.testing.assert_close(out.logits, sum(a[:, l] * s for l, s in enumerate(out.levels)))
+    # dual supervision over every level, and the gradient reaches every head and the gate
+    y = torch.tensor([0, 1, 2, 4])
+    la = lambda s: scilt.logit_adjusted_loss(s, y, LOG_PRIOR)
+    loss = model.loss(out, y)
+    torch.testing.assert_close(loss, la(out.logits) + 0.5 * sum(la(s) for s in out.levels))
+    loss.backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in model.heads) and model.gate.grad.abs().min() > 0
+
+
+def test_the_two_level_default_is_the_papers_fusion():
+    """blocks (-2, -1): s = a * s_1 + (1 - a) * s_2 per class with a = sigmoid(g_1 - g_2), s_1 on z_{N-1}."""
+    model, pretrained = build("scilt")
+    assert model.blocks == [1, 2] and model.level_names() == ["penultimate", "final"]
+    with torch.no_grad():
+        model.gate.normal_()
+    x = torch.randn(3, 3, 32, 32)
+    out = model(x)
+    a = torch.sigmoid(model.gate[:, 0] - model.gate[:, 1])
+    s1, s2 = out.levels
+    torch.testing.assert_close(out.logits, a * s1 + (1 - a) * s2)
+    torch.testing.assert_close(s1, model.heads[0](timm_features(pretrained.eval(), x)[0]))
 
 
 def test_methods_produce_the_documented_outputs():
     x = torch.randn(3, 3, 32, 32)
     fused, _ = build("scilt")
     out = fused(x)
-    assert out.logits.shape == out.s1.shape == out.s2.shape == (3, len(COUNTS))
-    torch.testing.assert_close(fused.fusion_weights(), torch.full((5,), 0.5))
-    torch.testing.assert_close(out.logits, 0.5 * out.s1 + 0.5 * out.s2)
-    with torch.no_grad():
-        fused.gate.copy_(torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0]))
-    a = torch.sigmoid(fused.gate)
-    out = fused(x)
-    torch.testing.assert_close(out.logits, a * out.s1 + (1 - a) * out.s2)
+    s1, s2 = out.levels
+    assert out.logits.shape == s1.shape == s2.shape == (3, len(COUNTS))
+    torch.testing.assert_close(fused.fusion_weights(), torch.full((5, 2), 0.5))
+    torch.testing.assert_close(out.logits, 0.5 * s1 + 0.5 * s2)
     assert out.logits.abs().max() <= 25.0 + 1e-4  # cosine heads are bounded by their scale
+    fixed, _ = build("scilt", fusion="fixed")
+    assert fixed.gate is None and [n for n, _ in fixed.named_parameters() if "gate" in n] == []
+    torch.testing.assert_close(fixed.fusion_weights(), torch.full((5, 2), 0.5))
 
     final, _ = build("final")
     out = final(x)
-    assert out.s1 is None and out.logits is out.s2 and final.classifier1 is None and final.gate is None
-    torch.testing.assert_close(final.fusion_weights(), torch.zeros(5))
+    assert final.level_names() == ["final"] and out.logits is out.levels[0] and final.gate is None
+    torch.testing.assert_close(final.fusion_weights(), torch.ones(5, 1))
 
     penultimate, _ = build("penultimate")
     out = penultimate(x)
-    assert out.s2 is None and out.logits is out.s1 and penultimate.classifier2 is None
-    torch.testing.assert_close(penultimate.fusion_weights(), torch.ones(5))
+    assert penultimate.level_names() == ["penultimate"] and out.logits is out.levels[0]
     with pytest.raises(AssertionError, match="method must be one of"):
         build("both")
 
@@ -233,24 +252,25 @@ def test_dual_supervision_loss():
     out = model(torch.randn(4, 3, 32, 32))
     y = torch.tensor([0, 1, 2, 4])
     la = lambda s: scilt.logit_adjusted_loss(s, y, LOG_PRIOR)
-    torch.testing.assert_close(model.loss(out, y), la(out.logits) + 0.3 * (la(out.s1) + la(out.s2)))
+    s1, s2 = out.levels
+    torch.testing.assert_close(model.loss(out, y), la(out.logits) + 0.3 * (la(s1) + la(s2)))
     final, _ = build("final")
     out = final(torch.randn(4, 3, 32, 32))
-    torch.testing.assert_close(final.loss(out, y), la(out.s2))
+    torch.testing.assert_close(final.loss(out, y), la(out.logits))
 
 
 def test_init_heads_sets_unit_norm_class_means():
     model, _ = build()
     h = torch.randn(10, 48)
     labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0, 1])  # class 4 has no sample: keeps its random start
-    random_row = model.classifier1.weight[4].clone()
-    model.init_heads(h, 2 * h, labels)
-    for head in (model.classifier1, model.classifier2):
+    random_row = model.heads[0].weight[4].clone()
+    model.init_heads([h, 2 * h], labels)
+    for head in model.heads:
         torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(5))  # every row, the random one too
         for k in range(4):
             mean = F.normalize(h[labels == k], dim=-1).mean(0)
             torch.testing.assert_close(head.weight[k], mean / mean.norm())
-    torch.testing.assert_close(model.classifier1.weight[4], random_row)
+    torch.testing.assert_close(model.heads[0].weight[4], random_row)
 
 
 def test_init_heads_fits_the_scale_that_minimises_the_step_0_loss_and_changes_no_prediction():
@@ -259,14 +279,15 @@ def test_init_heads_fits_the_scale_that_minimises_the_step_0_loss_and_changes_no
     torch.manual_seed(0)
     centres = F.normalize(torch.randn(5, 48), dim=-1)  # classes that overlap, as on pretrained features
     h_pen, h_fin = centres[labels] + 0.3 * torch.randn(78, 48), centres[labels] + 0.3 * torch.randn(78, 48)
-    model.init_heads(h_pen, h_fin, labels)
+    model.init_heads([h_pen, h_fin], labels)
     scale = model.scale
-    assert 2 < scale < 50 and model.classifier1.scale.item() == model.classifier2.scale.item() == scale
-    loss = lambda s: model.loss(scilt.SciLTOutput(*(s / scale * z for z in model.classify(h_pen, h_fin))), labels)
+    assert 2 < scale < 50 and model.heads[0].scale.item() == model.heads[1].scale.item() == scale
+    out = model.classify(h_pen, h_fin)
+    loss = lambda s: model.loss(scilt.SciLTOutput(s / scale * out.logits, [s / scale * z for z in out.levels]), labels)
     assert loss(scale) < loss(0.9 * scale) and loss(scale) < loss(1.1 * scale)  # the minimum of the loss in s
     x = torch.randn(100, 48)
     fitted = model.classify(x, x)
-    for head in (model.classifier1, model.classifier2):
+    for head in model.heads:
         head.scale.fill_(scilt.COSINE_SCALE)
     assert torch.equal(model.classify(x, x).logits.argmax(1), fitted.logits.argmax(1))
 
@@ -280,7 +301,7 @@ def test_init_heads_in_chunks_and_on_a_subset_fits_the_same_scale():
     scales = []
     for kwargs in ({}, {"chunk": 7}, {"max_images": 300}):
         model, _ = build()
-        model.init_heads(h_pen, h_fin, labels, **kwargs)
+        model.init_heads([h_pen, h_fin], labels, **kwargs)
         scales.append(model.scale)
     assert scales[1] == pytest.approx(scales[0], rel=1e-4) and scales[2] == pytest.approx(scales[0], rel=0.1)
 
@@ -291,12 +312,13 @@ def test_one_optimizer_step_turns_head_and_tail_rows_alike():
     model, _ = build("final")
     labels = torch.tensor([0] * 400 + [4] * 4)
     h = F.normalize(torch.randn(5, 48), dim=-1)[labels] + 0.3 * torch.randn(404, 48)
-    model.init_heads(h, h, labels)
-    before = model.classifier2.weight.detach().clone()
-    optimizer = torch.optim.AdamW([model.classifier2.weight], lr=1e-2)
-    scilt.logit_adjusted_loss(model.classifier2(torch.randn(64, 48)), torch.randint(0, 5, (64,)), LOG_PRIOR).backward()
+    model.init_heads([h], labels)
+    head = model.heads[0]
+    before = head.weight.detach().clone()
+    optimizer = torch.optim.AdamW([head.weight], lr=1e-2)
+    scilt.logit_adjusted_loss(head(torch.randn(64, 48)), torch.randint(0, 5, (64,)), LOG_PRIOR).backward()
     optimizer.step()
-    angle = torch.arccos(F.cosine_similarity(before, model.classifier2.weight.detach(), dim=1).clamp(max=1))
+    angle = torch.arccos(F.cosine_similarity(before, head.weight.detach(), dim=1).clamp(max=1))
     assert 0.5 < angle[0] / angle[4] < 2
 
 
@@ -385,7 +407,7 @@ def test_rademacher_draws_estimate_the_complexity_under_its_bound():
 def test_rademacher_check_pairs_the_levels_and_reports_fractions_of_the_bound():
     n = 500
     same = torch.randn(1, 8).repeat(n, 1)  # identical features: |sum sigma_i h| = |sum sigma_i| |h|
-    check = scilt.rademacher_check(same, same, torch.tensor([0.2, 0.4]), scale=7.0)
+    check = scilt.rademacher_check({"penultimate": same, "final": same}, torch.tensor([[0.2, 0.8], [0.4, 0.6]]), scale=7.0)
     level, total = check["final"], check["sum"]
     assert level["bound"] == pytest.approx(7 / math.sqrt(n)) and total["bound"] == pytest.approx(14 / math.sqrt(n))
     assert level["fraction"] == pytest.approx(math.sqrt(2 / math.pi), abs=0.05)  # E|sum sigma_i| ~ sqrt(2n/pi)
@@ -395,12 +417,13 @@ def test_rademacher_check_pairs_the_levels_and_reports_fractions_of_the_bound():
     assert total["stderr"] == pytest.approx(2 * level["stderr"])
     # orthogonal features: the estimate is its bound; the fused class with the mean class's a = 0.3
     q = torch.linalg.qr(torch.randn(64, 64))[0]
-    check = scilt.rademacher_check(q, torch.randn(64, 64), torch.tensor([0.2, 0.4]), scale=7.0)
+    check = scilt.rademacher_check({"penultimate": q, "final": torch.randn(64, 64)}, torch.tensor([[0.2, 0.8], [0.4, 0.6]]),
+                                   scale=7.0)
     assert check["penultimate"]["fraction"] == pytest.approx(1.0) and check["penultimate"]["stderr"] < 1e-8
     pen, fin = check["penultimate"]["estimate"], check["final"]["estimate"]
     assert check["fused"]["estimate"] == pytest.approx(0.3 * pen + 0.7 * fin)
     assert check["sum"]["estimate"] == pytest.approx(check["penultimate"]["estimate"] + check["final"]["estimate"])
-    assert check["n"] == 64 and check["scale"] == 7.0 and check["mean_a"] == pytest.approx(0.3)
+    assert check["n"] == 64 and check["scale"] == 7.0 and check["mean_a"] == pytest.approx([0.3, 0.7])
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -435,6 +458,6 @@ def test_parameter_counts():
     model, pretrained = build()
     trainable, total = scilt.count_parameters(model)
     lora = sum(p.numel() for layer in scilt.lora_layers(model) for p in (layer.lora_A, layer.lora_B))
-    assert trainable == lora + 2 * 5 * 48 + 5
+    assert trainable == lora + 2 * 5 * 48 + 5 * 2  # two heads, the gate: a weight per class and level
     assert total == trainable + sum(p.numel() for p in pretrained.parameters())
     assert np.isclose(lora, 3 * 8 * ((48 + 3 * 48) + (48 + 48)))

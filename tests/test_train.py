@@ -59,7 +59,9 @@ def test_default_run_writes_the_report(tmp_path, capsys):
     r = metrics["rademacher"]
     assert r["n"] == 988  # the training sample
     assert r["gap"] == pytest.approx(r["train_balanced_acc"] - metrics["balanced_acc"])
-    assert r["mean_a"] == pytest.approx(np.mean(a))
+    assert r["mean_a"] == pytest.approx([np.mean(a), 1 - np.mean(a)])
+    assert all(w["penultimate"] == pytest.approx(metrics["fusion_weights"][c]) and sum(w.values()) == pytest.approx(1)
+               for c, w in metrics["level_weights"].items())
     assert r["fused"]["estimate"] == pytest.approx(np.mean(a) * r["penultimate"]["estimate"]
                                                    + (1 - np.mean(a)) * r["final"]["estimate"])
     assert r["sum"]["estimate"] == pytest.approx(r["penultimate"]["estimate"] + r["final"]["estimate"])
@@ -72,7 +74,7 @@ def test_default_run_writes_the_report(tmp_path, capsys):
     # loads without pickled code
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     scales = {k: v.item() for k, v in checkpoint["model"].items() if k.endswith(".scale")}
-    assert set(scales) == {"classifier1.scale", "classifier2.scale"} and set(scales.values()) == {r["scale"]}
+    assert set(scales) == {"heads.0.scale", "heads.1.scale"} and set(scales.values()) == {r["scale"]}
     assert 1 < r["scale"] < 25  # class means on these features do not support 25's confidence
     assert sum(v.numel() for k, v in checkpoint["model"].items() if k not in scales) == metrics["trainable_params"]
     assert checkpoint["args"]["method"] == "scilt" and checkpoint["state"]["epoch"] == 1
@@ -92,17 +94,23 @@ def test_ablations(tmp_path, method):
     assert set(metrics["fusion_weights"].values()) == {0.0 if method == "final" else 1.0}
 
 
-def test_per_sample_fusion_reports_each_class_mean_weight():
-    model = scilt.SciLT(tiny_vit(), [5, 3, 2], fusion="sample")
-    with torch.no_grad():
-        model.sample_gate.weight.normal_()
-    train_set = dict(zip(("h_pen", "h_fin"), model.features(torch.randn(6, 3, 32, 32))))
-    train_set["labels"] = torch.tensor([0, 0, 1, 1, 2, 2])
-    a = model.fusion_weights(train_set["h_pen"], train_set["h_fin"]).detach()
-    expected = torch.stack([a[2 * k:2 * k + 2, k].mean() for k in range(3)])  # class k's mean over its images
-    torch.testing.assert_close(train.class_fusion_weights(model, train_set), expected)
-    state = train.trainable_state(model)  # what a checkpoint holds
-    assert {"sample_gate.weight", "sample_gate.bias"} <= set(state) and "gate" not in state
+def test_blocks_fuses_any_set_of_levels(tmp_path, capsys):
+    metrics = run(*FAST, "--blocks", "1", "-2", "-1", "--out", str(tmp_path / "three"))
+    assert [name for name, head in metrics["heads"].items() if head] == \
+        ["start", "probe", "block1", "penultimate", "final", "fused"]
+    assert all(list(w) == ["block1", "penultimate", "final"] and sum(w.values()) == pytest.approx(1)
+               for w in metrics["level_weights"].values())
+    assert {"block1", "penultimate", "final", "sum", "fused"} <= set(metrics["rademacher"])
+    checkpoint = torch.load(tmp_path / "three" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["model"]["gate"].shape == (10, 3) and checkpoint["args"]["blocks"] == [1, -2, -1]
+    # levels without the final block: the probe still reads the final block's features
+    two = run(*FAST, "--blocks", "2", "4", "--out", str(tmp_path / "two"))
+    assert two["heads"]["probe"] == metrics["heads"]["probe"] and two["heads"]["final"] is None
+    assert set(two["fusion_weights"].values()) == {1.0}  # no weight on the final block
+    error = fails(capsys, *FAST, "--blocks", "7", "--out", str(tmp_path / "bad"))
+    assert "--blocks 7: tiny has 6 blocks, expected numbers in 1..6 or -6..-1" in error
+    error = fails(capsys, *FAST, "--out", str(tmp_path / "three"), "--eval-only")
+    assert "was trained with --blocks 1 -2 -1, but this run asks for --blocks -2 -1" in error
 
 
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
@@ -119,7 +127,7 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "save_atomically", save)
     assert not (tmp_path / "cut" / "metrics.json").exists()
     resumed = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"), "--resume")
-    assert "1 epoch(s) done" in capsys.readouterr().out
+    assert "1 of 2 epoch(s) done" in capsys.readouterr().out
     assert comparable(resumed) == comparable(whole)
     # --eval-only re-evaluates the saved model and reproduces its metrics
     again = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"), "--eval-only")
@@ -292,7 +300,7 @@ def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys):
     assert error.startswith(f"error: cannot read checkpoint {tmp_path / 'run' / 'checkpoint.pt'}")
 
 
-def test_folder_without_val_images_selects_the_last_epoch(tmp_path, capsys):
+def test_folder_without_val_images_trains_and_reports(tmp_path, capsys):
     image = io.BytesIO()
     Image.new("RGB", (20, 20), (90, 30, 60)).save(image, "PNG")
     for split in ("train", "test"):
@@ -301,21 +309,26 @@ def test_folder_without_val_images_selects_the_last_epoch(tmp_path, capsys):
             (tmp_path / split / name / "0.png").write_bytes(image.getvalue())  # one image: no val carved
     metrics = run("--data", "folder", "--data-root", str(tmp_path), "--model", "tiny", "--img-size", "16",
                   "--epochs", "2", "--out", str(tmp_path / "run"))
-    assert "no val images: the test set is evaluated with the last epoch" in capsys.readouterr().out
-    assert metrics["best_epoch"] == 2 and metrics["fusion_val_correlation"] is None
+    assert "val balanced acc" not in capsys.readouterr().out
+    assert metrics["epochs"] == 2 and metrics["fusion_val_correlation"] is None
 
 
 def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys):
     final = run(*FAST, "--method", "final", "--out", str(tmp_path / "final"))
     train.main([*FAST, "--analyze", "--out", str(tmp_path / "analysis")])
     printed = capsys.readouterr().out
-    layers = json.loads((tmp_path / "analysis" / "layers.json").read_text())
+    analysis = json.loads((tmp_path / "analysis" / "layers.json").read_text())
+    layers = analysis["layers"]
     assert [layer["block"] for layer in layers] == [1, 2, 3, 4, 5, 6]
     for layer in layers:
         assert set(layer["ncm"]) == set(layer["probe"]) == set(final["heads"]["start"])
     # the last block's class means are the final head at step 0
     assert layers[-1]["ncm"] == final["heads"]["start"]
     assert "best block per column" in printed and "penultimate block's frozen features serve the few" in printed
+    chosen = analysis["recommended"]
+    assert analysis["default"]["blocks"] == [5, 6] and 1 <= chosen["blocks"][0] < chosen["blocks"][1] <= 6
+    assert chosen["val"]["few"] >= analysis["default"]["val"]["few"]
+    assert f"Recommended on val: --blocks {chosen['blocks'][0]} {chosen['blocks'][1]}" in printed
     assert not (tmp_path / "analysis" / "checkpoint.pt").exists()
     with Image.open(tmp_path / "analysis" / "layers.png") as image:
         assert image.format == "PNG"
@@ -327,7 +340,8 @@ def test_analysis_table_marks_the_best_block_per_column(capsys):
     layers = [{"block": 1, "ncm": metrics(0.3, 0.1), "probe": metrics(0.4, 0.2)},
               {"block": 2, "ncm": metrics(0.6, 0.5), "probe": metrics(0.7, 0.6)},
               {"block": 3, "ncm": metrics(0.7, 0.4), "probe": metrics(0.65, 0.3)}]
-    train.print_layers(layers)
+    pick = {"blocks": [2, 3], "val": {"balanced_acc": 0.5, "few": 0.4}}
+    train.print_layers({"layers": layers, "recommended": pick, "default": pick})
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()}
     # columns: ncm balanced many medium few, probe balanced many medium few
     assert rows["3"][0] == "70.0*" and rows["2"][0] == "60.0" and rows["2"][3] == "50.0*"
@@ -343,10 +357,8 @@ def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_zero():
     assert lr(104) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 99 / 100))) and lr(104) < 1e-3
 
 
-def test_the_epoch_best_on_val_is_the_one_evaluated(tmp_path, monkeypatch):
-    """Val peaks at epoch 1 of 2: the run keeps epoch 1, and its test metrics are that epoch's model's."""
-    scores = iter([0.9, 0.1])
-    monkeypatch.setattr(train, "val_score", lambda *args: next(scores))
+def test_the_last_epoch_is_the_one_evaluated(tmp_path, monkeypatch):
+    """Whatever val says, the run reports the model of its last epoch (the schedule's end, lr 0)."""
     save, first = train.save_atomically, tmp_path / "epoch1"
 
     def keep_first_checkpoint(obj, path, text=False):
@@ -358,10 +370,12 @@ def test_the_epoch_best_on_val_is_the_one_evaluated(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_atomically", keep_first_checkpoint)
     two = ("--img-size", "16", "--epochs", "2")
     metrics = run(*two, "--out", str(tmp_path / "run"))
-    assert metrics["best_epoch"] == 1 and metrics["epochs"] == 2
+    assert metrics["epochs"] == 2
     shutil.copy(tmp_path / "run" / "splits.csv", first / "splits.csv")
     epoch1 = run(*two, "--out", str(first), "--eval-only")
-    assert epoch1["per_class_acc"] == metrics["per_class_acc"] and epoch1["heads"] == metrics["heads"]
+    last = run(*two, "--out", str(tmp_path / "run"), "--eval-only")
+    assert epoch1["epochs"] == 1 and epoch1["per_class_acc"] != metrics["per_class_acc"]
+    assert comparable(last) == comparable(metrics)
 
 
 def test_probe_weight_decay_is_the_best_on_val():
@@ -385,7 +399,7 @@ def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gai
     and a class whose gate leans on the penultimate layer where that head does better correlates +."""
     model = scilt.SciLT(tiny_vit(), [200, 50, 5])
     with torch.no_grad():
-        model.gate.copy_(torch.tensor([2.0, 0.0, -2.0]))  # a = 0.88, 0.5, 0.12
+        model.gate[:, 0] = torch.tensor([2.0, 0.0, -2.0])  # a = 0.88, 0.5, 0.12
     said = lambda *predicted: torch.tensor(predicted)  # what predict() keeps: each head's predicted classes
     labels = said(0, 0, 1, 1, 2, 2)
     test = dict(fused=said(0, 0, 1, 1, 0, 0), penultimate=said(0, 0, 1, 1, 0, 0), final=said(0, 0, 1, 1, 0, 0),
@@ -393,7 +407,7 @@ def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gai
     # on val the penultimate head is right on class 0 and wrong on class 2, the final head the reverse
     val = dict(penultimate=said(0, 0, 1, 1, 0, 0), final=said(1, 1, 1, 1, 2, 2), fused=said(0, 0, 1, 1, 2, 2),
                labels=labels)
-    train_set = dict(h_pen=torch.randn(6, 48), h_fin=torch.randn(6, 48), fused=test["fused"], labels=labels)
+    train_set = dict(h=torch.randn(6, 2, 48), fused=test["fused"], labels=labels)
     report = train.report(model, test, val, train_set, ["a", "b", "c"], [200, 50, 5], [5, 50, 200], {})
     assert (report["many"], report["medium"], report["few"]) == (0.0, 1.0, 1.0)  # by [5, 50, 200]
     assert report["fusion_val_correlation"] == pytest.approx(1.0)
