@@ -58,6 +58,8 @@ FUSION = "class"         # scilt's --fusion: a learned per-class gate over the l
 TAU = 1.0                # logit adjustment: LA(z, y) = CE(z + tau * log prior, y)
 AUX_WEIGHT = 0.5         # lambda of the dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2))
 PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # the step-0 linear probe's, chosen on val
+MIN_VAL_PER_CLASS = 10   # a run keeps its val-best epoch where val has this many images of every class, else
+                         # its last (lr 0 there): a few images a class pick noise (docs/results.md)
 # flags a checkpoint must agree with on --resume (all) and --eval-only (what makes the model)
 MODEL_FLAGS = ("data", "model", "pretrained", "method", "fusion", "blocks", "lora_rank", "img_size", "imbalance_ratio")
 SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
@@ -264,18 +266,29 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
     return time.time() - started
 
 
+def val_score(model, val_loader, counts, device):
+    """The fused prediction's balanced accuracy on val, and whether val can choose the epoch a run keeps:
+    MIN_VAL_PER_CLASS images of every class."""
+    val = predict(model, val_loader, device)
+    enough = bool(torch.bincount(val["labels"], minlength=len(counts)).min() >= MIN_VAL_PER_CLASS)
+    return head_metrics(val["fused"], val["labels"], counts)["balanced_acc"], enough
+
+
 def train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path):
-    """From state["epoch"] to args.epochs: train, log the val score, save a checkpoint after each epoch.
-    The run keeps its last epoch: the cosine schedule ends at lr 0, and a small val set picks noise."""
+    """From state["epoch"] to args.epochs: train, keep the epoch that does best on val where val can choose
+    (else the last one), save a checkpoint after each epoch."""
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     train_loader = loader(data.train, args, device, train=True)
     for epoch in range(state["epoch"], args.epochs):
         state["train_seconds"] += train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log)
         state["epoch"] = epoch + 1
+        score, by_val = val_score(model, val_loader, data.class_counts, device) if len(data.val) else (0.0, False)
+        if not by_val or score > state["best_val"]:
+            state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))
         if len(data.val):
-            val = predict(model, val_loader, device)
-            score = head_metrics(val["fused"], val["labels"], data.class_counts)["balanced_acc"]
-            log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}%")
+            log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% " + (
+                f"(best {100 * state['best_val']:.1f}%, epoch {state['best_epoch']})" if by_val else
+                f"(fewer than {MIN_VAL_PER_CLASS} val images of a class: the last epoch is kept)"))
         if not dist.is_initialized() or dist.get_rank() == 0:
             save_atomically({"state": state, "model": trainable_state(model), "classes": data.classes,
                              "class_counts": data.class_counts,
@@ -656,14 +669,15 @@ def run(args):
     if continuing:
         restore(model, optimizer, checkpoint, checkpoint_path, args)
         state = checkpoint["state"]
-        log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done")
+        log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done, "
+            f"epoch {state['best_epoch']} kept")
     else:  # heads start as nearest-class-mean classifiers on the un-augmented pretrained features
         train = predict(model, train_eval_loader, device)
         model.init_heads([h.to(device) for h in levels(model, train)], train["labels"].to(device))
         val, test = predict(model, val_loader, device), predict(model, test_loader, device)
         before = start_metrics(train, val, test, data.class_counts, data.group_counts, data.classes, device) \
             if rank == 0 else None  # the probe is fit by the first process alone
-        state = dict(epoch=0, train_seconds=0.0, before=before)
+        state = dict(epoch=0, best_epoch=0, best_val=-1.0, best=None, train_seconds=0.0, before=before)
         if rank == 0:
             log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale fitted "
                 f"to {model.scale:.3g}), linear probe on frozen features {100 * before['probe']['balanced_acc']:.1f}% "
@@ -673,12 +687,14 @@ def run(args):
 
     if not args.eval_only:
         train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path)
+    if state["best"] is not None:
+        model.load_state_dict(state["best"], strict=False)
     test, val = predict(model, test_loader, device), predict(model, val_loader, device)
     train = predict(model, train_eval_loader, device)
     if rank == 0:
         metrics = report(model, test, val, train, data.classes, data.class_counts, data.group_counts, state["before"])
         metrics.update(trainable_params=trainable, total_params=total, train_seconds=round(state["train_seconds"], 1),
-                       method=args.method, epochs=state["epoch"], args=vars(args))
+                       method=args.method, best_epoch=state["best_epoch"], epochs=state["epoch"], args=vars(args))
         print_report(metrics)
         save_atomically(metrics, out / "metrics.json", text=True)
         plot_report(metrics, out / "report.png")
@@ -690,7 +706,7 @@ def run(args):
 # Using a trained run: --predict (a CSV of predictions) and --export (one file for inference).
 
 def load_run(args, device):
-    """The model a run's evaluation used (its last epoch), rebuilt from its checkpoint and arguments, in
+    """The model a run's evaluation used (the epoch it kept), rebuilt from its checkpoint and arguments, in
     eval mode; the backbone from timm or a weights file as trained (a --weights given now replaces it)."""
     path = Path(args.out) / "checkpoint.pt"
     if not path.exists():
@@ -701,7 +717,7 @@ def load_run(args, device):
     counts = checkpoint.get("class_counts", [1] * len(checkpoint["classes"]))  # older checkpoints lack them
     trained.blocks = getattr(trained, "blocks", [-2, -1])
     model = build_model(trained, counts)
-    load_trained(model, checkpoint, path)
+    load_trained(model, {"model": checkpoint["state"]["best"] or checkpoint["model"]}, path)
     return model.to(device).eval(), trained, checkpoint["classes"]
 
 

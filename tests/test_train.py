@@ -310,7 +310,7 @@ def test_folder_without_val_images_trains_and_reports(tmp_path, capsys):
     metrics = run("--data", "folder", "--data-root", str(tmp_path), "--model", "tiny", "--img-size", "16",
                   "--epochs", "2", "--out", str(tmp_path / "run"))
     assert "val balanced acc" not in capsys.readouterr().out
-    assert metrics["epochs"] == 2 and metrics["fusion_val_correlation"] is None
+    assert metrics["best_epoch"] == 2 and metrics["fusion_val_correlation"] is None
 
 
 def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys):
@@ -357,8 +357,12 @@ def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_zero():
     assert lr(104) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 99 / 100))) and lr(104) < 1e-3
 
 
-def test_the_last_epoch_is_the_one_evaluated(tmp_path, monkeypatch):
-    """Whatever val says, the run reports the model of its last epoch (the schedule's end, lr 0)."""
+@pytest.mark.parametrize("enough_val", [True, False])
+def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enough_val):
+    """Val peaks at epoch 1 of 2. With enough val images of every class the run keeps epoch 1; with fewer,
+    val picks noise and the run keeps its last epoch. Either way its test metrics are that epoch's model's."""
+    scores = iter([0.9, 0.1])
+    monkeypatch.setattr(train, "val_score", lambda *args: (next(scores), enough_val))
     save, first = train.save_atomically, tmp_path / "epoch1"
 
     def keep_first_checkpoint(obj, path, text=False):
@@ -370,12 +374,22 @@ def test_the_last_epoch_is_the_one_evaluated(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_atomically", keep_first_checkpoint)
     two = ("--img-size", "16", "--epochs", "2")
     metrics = run(*two, "--out", str(tmp_path / "run"))
-    assert metrics["epochs"] == 2
+    assert metrics["best_epoch"] == (1 if enough_val else 2) and metrics["epochs"] == 2
     shutil.copy(tmp_path / "run" / "splits.csv", first / "splits.csv")
     epoch1 = run(*two, "--out", str(first), "--eval-only")
-    last = run(*two, "--out", str(tmp_path / "run"), "--eval-only")
-    assert epoch1["epochs"] == 1 and epoch1["per_class_acc"] != metrics["per_class_acc"]
-    assert comparable(last) == comparable(metrics)
+    assert (epoch1["per_class_acc"] == metrics["per_class_acc"]) == enough_val
+    assert (epoch1["heads"] == metrics["heads"]) == enough_val
+
+
+def test_val_can_choose_the_epoch_only_with_enough_images_of_every_class():
+    model = scilt.SciLT(tiny_vit(), [5, 3])
+    args = argparse.Namespace(batch_size=8, workers=0)
+    images = lambda per_class: torch.utils.data.TensorDataset(
+        torch.randn(2 * per_class, 3, 32, 32), torch.arange(2).repeat_interleave(per_class))
+    for per_class in (train.MIN_VAL_PER_CLASS - 1, train.MIN_VAL_PER_CLASS):
+        score, enough = train.val_score(model, train.loader(images(per_class), args, torch.device("cpu")), [5, 3],
+                                        torch.device("cpu"))
+        assert 0 <= score <= 1 and enough == (per_class == train.MIN_VAL_PER_CLASS)
 
 
 def test_probe_weight_decay_is_the_best_on_val():
