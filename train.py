@@ -277,6 +277,8 @@ def val_score(model, val_loader, counts, device):
 def train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path):
     """From state["epoch"] to args.epochs: train, keep the epoch that does best on val where val can choose
     (else the last one), save a checkpoint after each epoch."""
+    if len(data.val) == 0:
+        log("no val images: the last epoch is kept")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     train_loader = loader(data.train, args, device, train=True)
     for epoch in range(state["epoch"], args.epochs):

@@ -110,8 +110,12 @@ def print_analysis(name, analyses):
     print("\nrecommended on val, by seed: " + ", ".join(" ".join(map(str, a["recommended"]["blocks"])) for a in analyses))
 
 
+def analyses_of(name, args, flags, sets):
+    return [run_once(name, "analyze", seed, args.tag, ["--analyze", *flags], sets, analyze=True) for seed in args.seeds]
+
+
 def print_table(name, args, flags, sets):
-    analyses = [run_once(name, "analyze", seed, args.tag, ["--analyze", *flags], sets, analyze=True) for seed in args.seeds]
+    analyses = analyses_of(name, args, flags, sets)
     print_analysis(name, analyses)
     runs = {method: runs_of(name, method, args.seeds, args.tag, flags, sets) for method in args.methods}
     default = [len(analyses[0]["layers"]) - 1, len(analyses[0]["layers"])]
@@ -161,12 +165,16 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["final", "penultimate", "scilt"])
     p.add_argument("--fusions", action="store_true", help="compare --fusion class and fixed instead")
+    p.add_argument("--analyze-only", action="store_true", help="only the --analyze tables")
     p.add_argument("--tag", default="", help="a sub-folder name for runs with extra train.py flags")
     args, flags = p.parse_known_args()
     flags = [f for f in flags if f != "--"]
     sets = make_sets()
     for name in args.sets:
-        (print_fusions if args.fusions else print_table)(name, args, flags, sets)
+        if args.analyze_only:
+            print_analysis(name, analyses_of(name, args, flags, sets))
+        else:
+            (print_fusions if args.fusions else print_table)(name, args, flags, sets)
 
 
 if __name__ == "__main__":
