@@ -38,8 +38,9 @@ from data import AUGMENTS, DataError, ImageFiles, Loader, find_images, load_data
 
 # The embedded default's backbone: a 6-block ViT on 32 x 32 images (8 x 8 patches of 4 px). Its weights,
 # tiny_vit.safetensors, are a stand-in foundation model, made by tests/pretrain_tiny.py: pretrained on 14
-# synthetic cell types that the benchmark's 10 classes are not among. --no-pretrained starts it at random
-# ("jax" init: with timm's default init of std 0.02 random blocks are nearly the identity).
+# synthetic cell types that the benchmark's 10 classes are not among. --weights fractal_vit.safetensors
+# gives one pretrained across a domain gap, on fractals. --no-pretrained starts it at random ("jax" init:
+# with timm's default init of std 0.02 random blocks are nearly the identity).
 TINY = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3,
             weight_init="jax")
 TINY_WEIGHTS = Path(__file__).resolve().parent / "tiny_vit.safetensors"
@@ -375,8 +376,9 @@ def block_features(backbone, data_loader, device):
 
 def analyze(backbone, data, args, device, log):
     """For each block: class means (the heads' start) and a linear probe on its frozen features, scored on
-    the test set; and the pair of levels whose class means, averaged as scilt starts, serve the tail best
-    on val (balanced accuracy breaks ties; the paper's N-1, N wins those too). layers.json holds it all."""
+    the test set; and the pair of levels whose class means, averaged as scilt starts, do best on val by
+    balanced accuracy, which weighs a tail class as much as a head class (the tail breaks ties, then the
+    paper's N-1, N). layers.json holds it all."""
     sets = {name: block_features(backbone.to(device), loader(dataset, args, device), device)
             for name, dataset in (("train", data.train_eval), ("val", data.val), ("test", data.test))}
     counts, groups, layers, val_scores = data.class_counts, data.group_counts, [], []
@@ -396,7 +398,7 @@ def analyze(backbone, data, args, device, log):
                                     if (l, m) != (depth - 1, depth)]  # the default first: it wins ties
     on_val = [head_metrics((val_scores[l - 1] + val_scores[m - 1]).argmax(1), sets["val"]["labels"], groups)
               for l, m in pairs]
-    best = max(range(len(pairs)), key=lambda i: (on_val[i][tail] or 0, on_val[i]["balanced_acc"] or 0))
+    best = max(range(len(pairs)), key=lambda i: (on_val[i]["balanced_acc"] or 0, on_val[i][tail] or 0))
     if not len(sets["val"]["labels"]):  # nothing to choose by
         best = 0
     pick = lambda i: {"blocks": list(pairs[i]), "val": {k: on_val[i][k] for k in ("balanced_acc", tail)}}

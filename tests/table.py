@@ -137,26 +137,29 @@ def print_table(name, args, flags, sets):
         print(f"\n{method}, balanced accuracy of each run's heads (" + "; ".join(
             ", ".join(f"{head} {100 * m['balanced_acc']:.1f}" for head, m in r["heads"].items()
                       if m and head not in ("start", "probe")) for r in runs[method]) + ")")
-        print(f"fused − its better head: {cell([fused_gain(r) for r in runs[method]])}")
+        print(f"fused − its better head: {cell([fused_gain(r) for r in runs[method]])}; "
+              f"fused − its worse head: {cell([fused_gain(r, min) for r in runs[method]])}")
 
 
-def fused_gain(run):
-    """The fused prediction's balanced accuracy minus that of the best of the run's own level heads."""
+def fused_gain(run, pick=max):
+    """The fused prediction's balanced accuracy minus that of the best (pick=min: worst) of the run's own
+    level heads."""
     heads = run["heads"]
-    return heads["fused"]["balanced_acc"] - max(m["balanced_acc"] for h, m in heads.items()
-                                                if m and h not in ("start", "probe", "fused"))
+    return heads["fused"]["balanced_acc"] - pick(m["balanced_acc"] for h, m in heads.items()
+                                                 if m and h not in ("start", "probe", "fused"))
 
 
 def print_fusions(name, args, flags, sets):
     """scilt with each --fusion; differences paired by seed against the default (class)."""
-    runs = {f: runs_of(name, "scilt", args.seeds, "" if f == "class" else f"fusion-{f}", flags + ["--fusion", f], sets)
+    runs = {f: runs_of(name, "scilt", args.seeds, f"{args.tag}fusion-{f}", flags + ["--fusion", f], sets)
             for f in ("class", "fixed")}
     print(f"\n{name}, scilt by fusion (seeds {' '.join(map(str, args.seeds))})\n")
-    print("| fusion | balanced | few | balanced − class | fused − its better head |\n|---|---|---|---|---|")
+    print("| fusion | balanced | few | balanced − class | fused − its better head | fused − its worse head |\n"
+          "|---|---|---|---|---|---|")
     for f, rs in runs.items():
         diff = "" if f == "class" else cell([r["balanced_acc"] - c["balanced_acc"] for r, c in zip(rs, runs["class"])])
         print(f"| {f} | {cell([r['balanced_acc'] for r in rs])} | {cell([r['few'] for r in rs])} | {diff} | "
-              f"{cell([fused_gain(r) for r in rs])} |")
+              f"{cell([fused_gain(r) for r in rs])} | {cell([fused_gain(r, min) for r in rs])} |")
 
 
 def main():
