@@ -1,10 +1,12 @@
-"""The README's results tables: python tests/table.py [--sets ...] [--seeds 0 1 2] [--fusions] [-- train.py flags]
+"""The README's results tables: python tests/table.py [--sets ...] [--seeds 0 1 2] [--fusions | --analyze-only]
+[--tag T] [-- train.py flags, e.g. --weights fractal_vit.safetensors]
 
-Four generated data sets of different character, each trained with `python train.py` at its defaults
-(--method final, penultimate, scilt; 3 seeds), into runs/table/<set>/<method>-<seed>; a run already there
-is reused. Prints, per set, the model at step 0 (`start`), a linear probe on the frozen features (`probe`)
-and the three methods: mean ± sample standard deviation over seeds, and each method's gain over the
-better of start and probe, paired by seed.
+Four generated data sets of different character, each trained with `python train.py` at its defaults into
+runs/table/<tag or default>/<set>/<run>-<seed>; a run already there is reused. Per set: the --analyze table
+of the frozen stand-in (best block per column, the pair recommended on val), then the model at step 0
+(`start`), a linear probe on the frozen features (`probe`), --method final, penultimate and scilt, and
+scilt on the recommended levels: mean ± sample standard deviation over seeds, each method's gain over the
+better of start and probe, paired by seed, and every scilt run's fused prediction against its own heads.
 
   embedded  the embedded default (--data synthetic): 10 cell types, 400 -> 4 training images, 48 -> 32 px
   small     460 images (135 -> 7; a tenth kept for val), 10 types drawn at 32 px, PNG files (--data folder)
@@ -151,7 +153,8 @@ def fused_gain(run, pick=max):
 
 def print_fusions(name, args, flags, sets):
     """scilt with each --fusion; differences paired by seed against the default (class)."""
-    runs = {f: runs_of(name, "scilt", args.seeds, f"{args.tag}fusion-{f}", flags + ["--fusion", f], sets)
+    runs = {f: runs_of(name, "scilt", args.seeds, "-".join(filter(None, (args.tag, "fusion", f))),
+                      flags + ["--fusion", f], sets)
             for f in ("class", "fixed")}
     print(f"\n{name}, scilt by fusion (seeds {' '.join(map(str, args.seeds))})\n")
     print("| fusion | balanced | few | balanced − class | fused − its better head | fused − its worse head |\n"
