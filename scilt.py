@@ -157,9 +157,9 @@ class SciLT(nn.Module):
     The paper's method is two levels: heads[0] (classifier1) on h_pen gives s_1, heads[1] (classifier2) on
     h_fin gives s_2, and s = a * s_1 + (1 - a) * s_2 per class. `blocks` generalises it to any set of
     levels l (0-based, or negative from the end; default the paper's N-1, N): s = sum_l a_l s_l, a per
-    class a softmax over the levels. method: "scilt" (all of that), "final" (the final level alone: the standard PEFT long-tail
-    baseline) or "penultimate" (block N-1 alone). fusion: "class" (a = softmax of a learned per-class gate)
-    or "fixed" (a = 1 / levels)."""
+    class a softmax over the levels. method: "scilt" (all of that), "final" (the final level alone: the
+    standard PEFT long-tail baseline) or "penultimate" (block N-1 alone). fusion: "class" (a = softmax of
+    a learned per-class gate) or "fixed" (a = 1 / levels)."""
 
     def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", blocks=(-2, -1), rank=8,
                  alpha=None, targets=("qkv", "proj"), tau=1.0, aux_weight=0.5):
@@ -198,7 +198,8 @@ class SciLT(nn.Module):
         """(K, L): per class, how much the prediction leans on each level (rows sum to 1)."""
         if self.gate is not None:
             return torch.softmax(self.gate, dim=1)
-        return torch.full((len(self.log_prior), len(self.blocks)), 1 / len(self.blocks), device=self.log_prior.device)
+        levels = len(self.blocks)
+        return torch.full((len(self.log_prior), levels), 1 / levels, device=self.log_prior.device)
 
     @property
     def scale(self):  # the heads' cosine scale: a temperature, shared by all levels

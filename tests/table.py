@@ -104,16 +104,19 @@ def print_analysis(name, analyses):
     columns = [(kind, key) for kind in ("ncm", "probe") for key in ("balanced_acc", tail)]
     mean = lambda block, c: statistics.mean(100 * (run[block][c[0]][c[1]] or 0) for run in layers)
     best = {c: max(range(len(layers[0])), key=lambda block: mean(block, c)) for c in columns}
-    print(f"\n{name}, --analyze on the frozen stand-in (test, mean of seeds {len(layers)}; * best block)\n")
+    print(f"\n{name}, --analyze on the frozen stand-in (test, mean of {len(layers)} seeds; * best block)\n")
     print("| block | class means balanced | class means " + tail + " | probe balanced | probe " + tail + " |")
     print("|---|---|---|---|---|")
     for block in range(len(layers[0])):
-        print(f"| {block + 1} | " + " | ".join(f"{mean(block, c):.1f}{'*' if best[c] == block else ''}" for c in columns) + " |")
-    print("\nrecommended on val, by seed: " + ", ".join(" ".join(map(str, a["recommended"]["blocks"])) for a in analyses))
+        cells = (f"{mean(block, c):.1f}{'*' if best[c] == block else ''}" for c in columns)
+        print(f"| {block + 1} | " + " | ".join(cells) + " |")
+    pairs = (" ".join(map(str, a["recommended"]["blocks"])) for a in analyses)
+    print("\nrecommended on val, by seed: " + ", ".join(pairs))
 
 
 def analyses_of(name, args, flags, sets):
-    return [run_once(name, "analyze", seed, args.tag, ["--analyze", *flags], sets, analyze=True) for seed in args.seeds]
+    return [run_once(name, "analyze", seed, args.tag, ["--analyze", *flags], sets, analyze=True)
+            for seed in args.seeds]
 
 
 def print_table(name, args, flags, sets):
@@ -123,9 +126,10 @@ def print_table(name, args, flags, sets):
     default = [len(analyses[0]["layers"]) - 1, len(analyses[0]["layers"])]
     runs["scilt, recommended levels"] = [  # the default's run where the default is recommended
         scilt if a["recommended"]["blocks"] == default else
-        run_once(name, "scilt-recommended", seed, args.tag, ["--blocks", *map(str, a["recommended"]["blocks"]), *flags], sets)
+        run_once(name, "scilt-recommended", seed, args.tag,
+                 ["--blocks", *map(str, a["recommended"]["blocks"]), *flags], sets)
         for seed, a, scilt in zip(args.seeds, analyses, runs["scilt"])]
-    rows = {"start": [r["heads"]["start"] for r in runs["scilt"]], "probe": [r["heads"]["probe"] for r in runs["scilt"]]}
+    rows = {row: [r["heads"][row] for r in runs["scilt"]] for row in ("start", "probe")}
     rows.update({method: [r["heads"]["fused"] for r in rs] for method, rs in runs.items()})
     bar = [max(s["balanced_acc"], q["balanced_acc"]) for s, q in zip(rows["start"], rows["probe"])]
     print(f"\n{name} ({sum(runs['scilt'][0]['class_counts'].values())} training images, "
