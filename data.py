@@ -1,37 +1,22 @@
 """Data for SciLT: the embedded synthetic benchmark, the long-tailed scientific image sets and the
 natural-image long-tail benchmarks.
 
-    load_data(name, root) -> Data(train, val, test, train_eval, classes, class_counts, group_counts, splits)
+    load_data(name, root) -> Data(train, val, test, train_eval, classes, class_counts, ...)
 
-Each set yields (image tensor (3, H, W), label). Where a source is not long-tailed by itself (ISIC 2019,
-PBC blood cells) we follow ISIC-2019-LT (Ju et al. 2022): hold out a balanced test set (100 per class)
-and val set (50 per class), then keep n_k = n_max * r^(-k / (K - 1)) training images of the k-th most
-frequent class (n_max = min(5000, largest class), r the imbalance ratio). Splits are deterministic for a
-seed; write_splits() / read_splits() store them so that a later run evaluates exactly the same images.
-Every problem with the user's data raises DataError with one line naming the path and what was expected.
-
-Downloads. A set missing from its root (default data/<set>) is fetched there, as torchvision does: one
-line first says what (files, total size, host, destination), then a progress line per file with speed
-and time left. A cut download leaves FILE.part and resumes with an HTTP Range request; a file gets its
-final name only once its size and md5 (where one is published; otherwise the archive's image count, a
-zip's CRCs, a list's line count) are checked. Archives are unpacked in place, then deleted; each finished
-file leaves .FILE.done, and the set counts as complete only when <root>/.complete exists. No network or
-a wrong checksum: one line naming the file, its address and the folder to put it in by hand. A folder
-the user laid out (an image folder or data file in it) is used as it is; only missing split lists are
-fetched. SCILT_MIRROR=https://host/base replaces each address's scheme and host, keeping its path.
+Each set yields (image tensor (3, H, W), label). Where a source is not long-tailed by itself (ISIC
+2019, PBC blood cells) we follow ISIC-2019-LT (Ju et al. 2022): hold out a balanced test set (100
+per class) and val set (50 per class), then keep n_k = n_max * r^(-k / (K - 1)) training images of
+the k-th most frequent class (n_max = min(5000, largest class), r the imbalance ratio). Splits are
+deterministic for a seed; write_splits() / read_splits() store them so that a later run evaluates
+exactly the same images. Every problem with the user's data raises DataError with one line naming
+the path and what was expected. This file reads: images, the long-tailed protocol and splits, each
+source's reader, the synthetic set, load_data(). A set missing from its root is fetched by
+download.py first.
 """
 import csv
 import functools
-import hashlib
 import os
 import pickle
-import sys
-import tarfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -48,17 +33,37 @@ WHERE = {  # where each set comes from, for the messages that ask a user to fetc
     "blood": "bloodmnist_224.npz from https://zenodo.org/records/10519652, or the PBC images from "
              "https://data.mendeley.com/datasets/snkd93bnjr/1 (one folder per cell type)",
     "npz": "MedMNIST .npz files from https://zenodo.org/records/10519652",
-    "folder": "your own images laid out as train/<class>/*, test/<class>/* and optionally val/<class>/*",
-    "cifar100-lt": "cifar-100-python/ from https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-    "imagenet-lt": "ImageNet 2012 (login at https://image-net.org) as train/<wnid>/*.JPEG and val/<wnid>/*.JPEG",
-    "places-lt": "Places365-Standard 256 px (http://places2.csail.mit.edu/download.html) as data_256/ and val_256/",
-    "inat2018": "iNaturalist 2018 (https://github.com/visipedia/inat_comp/tree/master/2018) as train_val2018/",
+    "folder": "your own images laid out as train/<class>/*, test/<class>/* and optionally "
+              "val/<class>/*",
+    "cifar100-lt": "cifar-100-python/ from "
+                   "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "imagenet-lt": "ImageNet 2012 (login at https://image-net.org) as train/<wnid>/*.JPEG and "
+                   "val/<wnid>/*.JPEG",
+    "places-lt": "Places365-Standard 256 px (http://places2.csail.mit.edu/download.html) as "
+                 "data_256/ and val_256/",
+    "inat2018": "iNaturalist 2018 (https://github.com/visipedia/inat_comp/tree/master/2018) as "
+                "train_val2018/",
 }
-ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # UNK (no training images) dropped
-BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil",
-                 "platelet"]  # PBC folder names; BloodMNIST's label order
+DEFAULT_ROOTS = {"isic": "data/isic2019", "nih": "data/nih-cxr-lt", "blood": "data/bloodmnist",
+                 "cifar100-lt": "data/cifar100", "imagenet-lt": "data/imagenet-lt",
+                 "places-lt": "data/places-lt", "inat2018": "data/inat2018"}
+LISTS_URL = "https://raw.githubusercontent.com/shijxcs/LIFT/main/datasets/"  # LIFT's split lists
+LISTS = {  # set -> (folder in LISTS_URL, split -> (file, lines)); iNaturalist 2018 tests on val
+    "imagenet-lt": ("ImageNet_LT", {"train": ("ImageNet_LT_train.txt", 115846),
+                                    "val": ("ImageNet_LT_val.txt", 20000),
+                                    "test": ("ImageNet_LT_test.txt", 50000)}),
+    "places-lt": ("Places_LT", {"train": ("Places_LT_train.txt", 62500),
+                                "val": ("Places_LT_val.txt", 7300),
+                                "test": ("Places_LT_test.txt", 36500)}),
+    "inat2018": ("iNaturalist18", {"train": ("iNaturalist18_train.txt", 437513),
+                                   "test": ("iNaturalist18_val.txt", 24426)}),
+}
+ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # UNK (no images) dropped
+BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
+                 "neutrophil", "platelet"]  # PBC folder names; BloodMNIST's label order
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
-NPZ_KEYS = [f"{split}_{kind}" for split in ("train", "val", "test") for kind in ("images", "labels")]
+NPZ_KEYS = ["train_images", "train_labels", "val_images", "val_labels", "test_images",
+            "test_labels"]
 TEST_PER_CLASS, VAL_PER_CLASS, MAX_PER_CLASS = 100, 50, 5000
 AUGMENTS = ("none", "light", "strong")
 
@@ -68,50 +73,51 @@ class DataError(Exception):
 
 
 class Source(NamedTuple):
-    """What each source function returns."""
-    classes: list          # class names, in label order
-    images: object         # a folder (items are paths relative to it) or an array (items are row numbers)
-    splits: dict           # split -> (items, labels)
-    vertical_flip: bool    # whether up and down carry no meaning (microscopy, dermoscopy), for augmentation
-    group_counts: Optional[list] = None  # the counts that define many / medium / few, if not the training counts
+    """What each source's reader returns."""
+    classes: list        # class names, in label order
+    images: object       # a folder (items: paths relative to it) or an array (items: row numbers)
+    splits: dict         # split -> (items, labels)
+    vertical_flip: bool  # whether up and down carry no meaning (microscopy, dermoscopy)
+    group_counts: Optional[list] = None  # what defines many / medium / few, if not training counts
 
 
 class Data(NamedTuple):
-    train: Dataset         # with the training augmentation
+    train: Dataset       # with the training augmentation
     val: Dataset
     test: Dataset
-    train_eval: Dataset    # the training images as the model is evaluated on them: class means, probes
-    classes: list          # class names, in label order
-    class_counts: list     # training images per class
-    group_counts: list     # what many / medium / few are defined by: the training counts, except in CIFAR-100-LT
-    splits: dict           # split -> (items, labels): what write_splits() stores
+    train_eval: Dataset  # the training images as evaluation sees them: class means, probes
+    classes: list        # class names, in label order
+    class_counts: list   # training images per class
+    group_counts: list   # what defines many / medium / few: the training counts but in CIFAR-100-LT
+    splits: dict         # split -> (items, labels): what write_splits() stores
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Images and transforms.
 
 def open_image(path, draft_size=None):
-    """Decode to RGB. JPEGs decode directly at 1/2, 1/4 or 1/8 scale when that still covers draft_size
-    (PIL's draft mode): a 1024 x 768 ISIC image for a 224 model decodes at 512 x 384, several times faster."""
+    """Decode to RGB. JPEGs decode directly at 1/2, 1/4 or 1/8 scale when that still covers
+    draft_size (PIL's draft mode): a 1024 x 768 ISIC image for a 224 model decodes at 512 x 384."""
     try:
         with Image.open(path) as image:
             if draft_size:
                 image.draft("RGB", (draft_size, draft_size))
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image {path} ({error}): expected a readable image file") from None
+        raise DataError(f"cannot read image {path} ({error}): expected a readable image "
+                        "file") from None
 
 
 def default_augment(img_size):
-    """strong for images of 128 px and more, light below: a crop to 35% of a 32 px scan leaves a few
-    pixels of the object (README: the measurements behind it)."""
+    """strong for images of 128 px and more, light below: a crop to 35% of a 32 px scan leaves a
+    few pixels of the object."""
     return "strong" if img_size >= 128 else "light"
 
 
 def make_transform(img_size, mean, std, augment="none", vertical_flip=False):
-    """none (evaluation): resize to img_size / 0.875, centre crop. light: the same view, flipped at random
-    (vertically too where orientation means nothing, as in dermoscopy and microscopy). strong: random
-    resized crops down to 35% of the area, and the flips."""
+    """none (evaluation): resize to img_size / 0.875, centre crop. light: the same view, flipped at
+    random (vertically too where orientation means nothing, as in dermoscopy and microscopy).
+    strong: random resized crops down to 35% of the area, and the flips."""
     from torchvision.transforms import v2
 
     assert augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {augment!r}"
@@ -120,13 +126,16 @@ def make_transform(img_size, mean, std, augment="none", vertical_flip=False):
     else:
         ops = [v2.Resize(round(img_size / 0.875)), v2.CenterCrop(img_size)]
     if augment != "none":
-        ops += [v2.RandomHorizontalFlip()] + ([v2.RandomVerticalFlip()] if vertical_flip else [])
-    return v2.Compose([*ops, v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        ops.append(v2.RandomHorizontalFlip())
+        if vertical_flip:
+            ops.append(v2.RandomVerticalFlip())
+    to_tensor = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(ops + to_tensor)
 
 
 class ImageSet(Dataset):
-    """(image, label) pairs. `source` is a folder (items are file paths relative to it) or an array of
-    images (N, H, W[, 3]) (items are row numbers)."""
+    """(image, label) pairs. `source` is a folder (items are file paths relative to it) or an array
+    of images (N, H, W[, 3]) (items are row numbers)."""
 
     def __init__(self, source, items, labels, transform, draft_size=None):
         self.source, self.items, self.labels = source, list(items), list(labels)
@@ -144,17 +153,18 @@ class ImageSet(Dataset):
         except DataError as error:
             if get_worker_info() is None:
                 raise
-            return error  # a loader worker passes it on whole (see Loader), not as a traceback's text
+            return error  # a loader worker passes it on whole (see Loader), not as a traceback
         return self.transform(image), self.labels[i]
 
 
 def collate(batch):
-    return next((item for item in batch if isinstance(item, DataError)), None) or default_collate(batch)
+    errors = [item for item in batch if isinstance(item, DataError)]
+    return errors[0] if errors else default_collate(batch)
 
 
 class Loader(DataLoader):
-    """A DataLoader that raises a DataError met in a worker process as itself, with its one-line message
-    (torch would re-raise it with the worker's whole traceback as the message)."""
+    """A DataLoader that raises a DataError met in a worker process as itself, with its one-line
+    message (torch would re-raise it with the worker's whole traceback as the message)."""
 
     def __init__(self, dataset, **kwargs):
         super().__init__(dataset, collate_fn=collate, **kwargs)
@@ -167,12 +177,16 @@ class Loader(DataLoader):
 
 
 def find_images(paths):
-    """The files named in `paths` and every image file (by suffix) under the folders among them, sorted."""
+    """The files named in `paths` and every image file (by suffix) under the folders among them,
+    sorted."""
     found = []
     for path in map(Path, paths):
         if not path.exists():
             raise DataError(f"{path} does not exist: expected image files or folders of them")
-        found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            found.append(path)
     if not found:
         raise DataError(f"no image under {' '.join(map(str, paths))}: expected files ending in "
                         f"{', '.join(sorted(IMAGE_SUFFIXES))}")
@@ -180,8 +194,8 @@ def find_images(paths):
 
 
 class ImageFiles(Dataset):
-    """Images to classify: (image, error). A file that cannot be read gives a blank image and its one-line
-    error, so that it becomes one row of the result rather than the end of a long job."""
+    """Images to classify: (image, error). A file that cannot be read gives a blank image and its
+    one-line error, so that it becomes one row of the result rather than the end of a long job."""
 
     def __init__(self, paths, transform, img_size):
         self.paths, self.transform, self.img_size = list(paths), transform, img_size
@@ -196,31 +210,34 @@ class ImageFiles(Dataset):
             return torch.zeros(3, self.img_size, self.img_size), str(error)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Splits.
+# --------------------------------------------------------------------------------------------------
+# The long-tailed protocol and the splits.
 
 def long_tail_counts(n_max, num_classes, imbalance_ratio):
-    """n_k = n_max * r^(-k / (K - 1)), k = 0 .. K-1, the exponential profile of Cao et al. / Ju et al.;
-    at least one image, so that every class can be learnt."""
-    return [max(1, int(n_max * imbalance_ratio ** (-k / max(num_classes - 1, 1)))) for k in range(num_classes)]
+    """n_k = n_max * r^(-k / (K - 1)), k = 0 .. K-1, the exponential profile of Cao et al. / Ju et
+    al.; at least one image, so that every class can be learnt."""
+    exponents = [-k / max(num_classes - 1, 1) for k in range(num_classes)]
+    return [max(1, int(n_max * imbalance_ratio ** e)) for e in exponents]
 
 
 def long_tail_split(labels, classes, *, imbalance_ratio, seed, test_per_class=TEST_PER_CLASS,
                     val_per_class=VAL_PER_CLASS, max_per_class=MAX_PER_CLASS, where=""):
-    """Balanced test and val sets held out first, then the long-tailed training set from the rest, in
-    descending order of what is left per class. Returns split -> array of indices into `labels`."""
+    """Balanced test and val sets held out first, then the long-tailed training set from the rest,
+    in descending order of what is left per class. Returns split -> indices into `labels`."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
     held = test_per_class + val_per_class
     shuffled = [rng.permutation(np.flatnonzero(labels == k)) for k in range(len(classes))]
     for k, indices in enumerate(shuffled):
         if len(indices) <= held:
-            raise DataError(f"class {classes[k]} in {where} has {len(indices)} images: the long-tailed "
-                            f"protocol needs more than {held} ({test_per_class} test + {val_per_class} val)")
+            raise DataError(f"class {classes[k]} in {where} has {len(indices)} images: the "
+                            f"long-tailed protocol needs more than {held} ({test_per_class} test "
+                            f"+ {val_per_class} val)")
     rest = [indices[held:] for indices in shuffled]
     order = sorted(range(len(classes)), key=lambda k: -len(rest[k]))  # most frequent first, stable
-    targets = long_tail_counts(min(max_per_class, len(rest[order[0]])), len(classes), imbalance_ratio)
-    train = [rest[k][:n] for k, n in zip(order, targets)]  # a class short of its target keeps all it has
+    n_max = min(max_per_class, len(rest[order[0]]))
+    targets = long_tail_counts(n_max, len(classes), imbalance_ratio)
+    train = [rest[k][:n] for k, n in zip(order, targets)]  # one short of its target keeps all
     return {"train": np.concatenate(train),
             "val": np.concatenate([s[test_per_class:held] for s in shuffled]),
             "test": np.concatenate([s[:test_per_class] for s in shuffled])}
@@ -238,7 +255,8 @@ def write_splits(path, data):
         writer = csv.writer(f)
         writer.writerow(["split", "item", "label"])
         for split, (items, labels) in data.splits.items():
-            writer.writerows((split, item, data.classes[label]) for item, label in zip(items, labels))
+            for item, label in zip(items, labels):
+                writer.writerow((split, item, data.classes[label]))
     os.replace(temporary, path)
 
 
@@ -247,203 +265,16 @@ def read_splits(path, classes):
     splits = {"train": ([], []), "val": ([], []), "test": ([], [])}
     for row in read_csv(path, ["split", "item", "label"]):
         if row["label"] not in index or row["split"] not in splits:
-            raise DataError(f"split file {path} lists {row['split']}/{row['label']}, which is not a split "
-                            f"(train, val, test) and class of this data set: it was written for other data")
+            raise DataError(f"split file {path} lists {row['split']}/{row['label']}, which is "
+                            "not a split (train, val, test) and class of this data set: it was "
+                            "written for other data")
         splits[row["split"]][0].append(row["item"])
         splits[row["split"]][1].append(index[row["label"]])
     return splits
 
 
-# ----------------------------------------------------------------------------------------------------
-# Downloads. A set missing from its root is fetched there: each file resumes where a cut left it (HTTP
-# Range), gets its final name only once complete and checked, and an archive is unpacked in place; the
-# set counts as complete only when ROOT/.complete exists. SCILT_MIRROR=BASE_URL replaces each address's
-# scheme and host by a mirror's and keeps its path.
-
-class Remote(NamedTuple):
-    url: str
-    md5: Optional[str] = None    # the published checksum, where there is one
-    size: float = 0.0            # bytes, roughly: for the line that says what will be fetched
-    count: Optional[int] = None  # images in an archive, or lines in a list: checked where no md5 is published
-    name: Optional[str] = None   # the file's name, if not the last part of the address
-
-    @property
-    def filename(self):
-        return self.name or urllib.parse.urlsplit(self.url).path.rsplit("/", 1)[-1]
-
-
-ISIC_URL = "https://isic-challenge-data.s3.amazonaws.com/2019/"
-NIH_KEYS = ["vfk49d74nhbxq3nqjg0900w5nvkorp5c", "i28rlmbvmfjbl8p2n3ril0pptcmcu9d1", "f1t00wrtdk94satdfb9olcolqx20z2jp",
-            "0aowwzs5lhjrceb3qp67ahp0rd1l1etg", "v5e3goj22zr6h8tzualxfsqlqaygfbsn", "asi7ikud9jwnkrnkj99jnpfkjdes7l6l",
-            "jn1b4mw4n6lnh74ovmcjb8y48h8xj07n", "tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j", "upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj",
-            "l6nilvfa9cg3s28tqv1qc1olm3gnz54p", "hhq8fkdgvcari67vfhs7ppg2w6ni4jze", "ioqwiy20ihqwyr8pf4c24eazhh281pbu"]
-NIH_IMAGES = [4999] + [10000] * 10 + [7121]  # PNGs in images_001 .. images_012.tar.gz: 112,120 in all
-NIH_MD5 = ["fe8ed0a6961412fddcbb3603c11b3698", "ab07a2d7cbe6f65ddd97b4ed7bde10bf", "2301d03bde4c246388bad3876965d574",
-           "9f1b7f5aae01b13f4bc8e2c44a4b8ef6", "1861f3cd0ef7734df8104f2b0309023b", "456b53a8b351afd92a35bc41444c58c8",
-           "1075121ea20a137b87f290d6a4a5965e", "b61f34cec3aa69f295fbb593cbd9d443", "442a3caa61ae9b64e61c561294d1e183",
-           "09ec81c4c31e32858ad8cf965c494b74", "499aefc67207a5a97692424cf5dbeed5", "dc9fda1757c2de0032b63347a7d2895c"]
-NIH_SIZES = [2.008e9] + [4.016e9] * 10 + [2.914e9]  # bytes: 45.08 GB in all (NIH's FAQ gives the md5s)
-LISTS_URL = "https://raw.githubusercontent.com/shijxcs/LIFT/main/datasets/"  # the split lists LIFT ships
-PLACES_URL = "http://data.csail.mit.edu/places/places365/"
-LISTS = {  # set -> (folder in LISTS_URL, split -> (file, lines)); iNaturalist 2018 tests on its val list
-    "imagenet-lt": ("ImageNet_LT", {"train": ("ImageNet_LT_train.txt", 115846), "val": ("ImageNet_LT_val.txt", 20000),
-                                    "test": ("ImageNet_LT_test.txt", 50000)}),
-    "places-lt": ("Places_LT", {"train": ("Places_LT_train.txt", 62500), "val": ("Places_LT_val.txt", 7300),
-                                "test": ("Places_LT_test.txt", 36500)}),
-    "inat2018": ("iNaturalist18", {"train": ("iNaturalist18_train.txt", 437513),
-                                   "test": ("iNaturalist18_val.txt", 24426)}),
-}
-REMOTE = {
-    "isic": [Remote(ISIC_URL + "ISIC_2019_Training_Input.zip", size=9.1e9, count=25331),
-             Remote(ISIC_URL + "ISIC_2019_Training_GroundTruth.csv", size=1.2e6, count=25332)],
-    "blood": [Remote("https://zenodo.org/records/10519652/files/bloodmnist_224.npz?download=1",
-                     "b718ff6835fcbdb22ba9eacccd7b2601", size=2e9)],
-    "nih": [Remote(f"https://nihcc.box.com/shared/static/{key}.gz", md5, size, n, f"images_{i:03d}.tar.gz")
-            for i, (key, md5, size, n) in enumerate(zip(NIH_KEYS, NIH_MD5, NIH_SIZES, NIH_IMAGES), start=1)],
-    "cifar100-lt": [Remote("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                           "eb9058c3a382ffc7106e4002c42a8d85", size=1.69e8)],
-    **{name: [Remote(LISTS_URL + f"{folder}/{file}", size=lines * 60, count=lines) for file, lines in files.values()]
-       for name, (folder, files) in LISTS.items()},
-}
-REMOTE["places-lt"] += [Remote(PLACES_URL + "train_256_places365standard.tar", "53ca1c756c3d1e7809517cc47c5561c5", 2.6e10),
-                        Remote(PLACES_URL + "val_256.tar", "e27b17d8d44f4af9a78502beb927f808", 5.0e8)]
-REMOTE["inat2018"] += [Remote("https://ml-inat-competition-datasets.s3.amazonaws.com/2018/train_val2018.tar.gz",
-                              "b1c6952ce38f31868cc50ea72d066cc3", 1.2e11)]
-DEFAULT_ROOTS = {"isic": "data/isic2019", "nih": "data/nih-cxr-lt", "blood": "data/bloodmnist",
-                 "cifar100-lt": "data/cifar100", "imagenet-lt": "data/imagenet-lt", "places-lt": "data/places-lt",
-                 "inat2018": "data/inat2018"}
-TIMEOUT = 30  # seconds a connection may stay silent before the download is given up
-
-
-def mirrored(url):
-    mirror = os.environ.get("SCILT_MIRROR")
-    if not mirror:
-        return url
-    parts = urllib.parse.urlsplit(url)
-    return mirror.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
-
-
-def show_progress(name, done, total, started, resumed_at, end=False):
-    rate = (done - resumed_at) / max(time.time() - started, 1e-6)
-    left = (total - done) / rate if total and rate > 0 else 0
-    of = f"{100 * done / total:3.0f}% of {total / 1e6:,.1f} MB" if total else f"{done / 1e6:,.1f} MB"
-    print(f"\r  {name}: {of}, {rate / 1e6:.1f} MB/s, {int(left // 60)}m{int(left % 60):02d}s left   ",
-          end="\n" if end else "", file=sys.stderr, flush=True)
-
-
-def md5sum(path):
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fetch(remote, folder):
-    """Download `remote` into `folder` (resuming FILE.part), check it, and only then name it FILE."""
-    path, url = folder / remote.filename, mirrored(remote.url)
-    if path.exists():  # only a complete, checked file carries its final name
-        return path
-    part = path.with_name(path.name + ".part")
-    by_hand = f"fetch it by hand into {folder}/{remote.filename}, or set SCILT_MIRROR to a mirror's base URL"
-    done = part.stat().st_size if part.exists() else 0
-    try:
-        request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            if response.status != 206:  # the whole file: start over
-                done = 0
-            total = done + int(response.headers.get("Content-Length") or 0) or None
-            started, resumed_at, shown = time.time(), done, 0.0
-            with open(part, "ab" if done else "wb") as f:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    if time.time() - shown > 0.5:
-                        show_progress(remote.filename, done, total, started, resumed_at)
-                        shown = time.time()
-            show_progress(remote.filename, done, total, started, resumed_at, end=True)
-    except urllib.error.HTTPError as error:
-        if error.code != 416:  # 416: nothing left to send, the partial file is whole
-            raise DataError(f"cannot download {url} (HTTP {error.code} {error.reason}): {by_hand}") from None
-        total = done
-    except (urllib.error.URLError, OSError) as error:  # no network, refused, timed out, cut off
-        kept = f"; what arrived is kept in {part} and resumes when run again" if part.exists() else ""
-        raise DataError(f"cannot download {url} ({getattr(error, 'reason', None) or error}): {by_hand}{kept}") from None
-    if total and done != total:
-        raise DataError(f"the download of {url} stopped at {done:,} of {total:,} bytes: run again to resume "
-                        f"it from {part}")
-    if remote.md5 and md5sum(part) != remote.md5:
-        part.unlink()
-        raise DataError(f"{remote.filename} from {url} does not match its published md5 {remote.md5}: deleted "
-                        f"it; run again to download it anew, or {by_hand}")
-    os.replace(part, path)
-    return path
-
-
-def unpack(path, root, remote):
-    """Unpack an archive into root (a zip's members checked against their CRCs first), count what it held
-    against remote.count, delete it. A list file is counted in lines."""
-    try:
-        if path.suffix == ".zip":
-            with zipfile.ZipFile(path) as archive:
-                if (bad := archive.testzip()) is not None:
-                    raise OSError(f"member {bad} fails its CRC check")
-                archive.extractall(root)
-                names = archive.namelist()
-        elif path.name.endswith((".tar", ".tar.gz", ".tgz")):
-            with tarfile.open(path) as archive:
-                archive.extractall(root, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-                names = archive.getnames()
-        else:  # a CSV, an .npz, a list
-            names = None
-    except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as error:
-        path.unlink()
-        raise DataError(f"{path} is damaged ({error}): deleted it; run again to download it anew") from None
-    if names is None:
-        found = sum(1 for line in open(path, "rb") if line.strip()) if remote.count else None
-    else:
-        found = sum(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in names)
-    if names is not None or (remote.count and found != remote.count):
-        path.unlink()  # unpacked (the archive would only double the space taken), or not the published file
-    if remote.count and found != remote.count:
-        raise DataError(f"{path.name} from {mirrored(remote.url)} holds {found} {'images' if names else 'lines'}, "
-                        f"expected {remote.count}: not the published file; deleted it, run again to download it anew")
-
-
-def ensure_downloaded(name, root, allowed=True):
-    """Fetch set `name` into root unless it is complete there (ROOT/.complete) or laid out by hand (root
-    holds files and no download was begun there)."""
-    complete, begun = root / ".complete", root / ".downloading"
-    if complete.exists():
-        return
-    by_hand = not begun.exists() and root.exists() and (root.is_file() or any(  # label files may come first
-        not p.name.startswith(".") and p.suffix not in (".csv", ".txt") for p in root.iterdir()))
-    todo = [r for r in REMOTE.get(name, []) if not (root / f".{r.filename}.done").exists()]
-    if by_hand:  # the user's own copy: only the split lists it lacks are fetched
-        todo = [r for r in todo if r.filename.endswith(".txt") and not (root / r.filename).exists()]
-    if not todo:
-        return
-    if not allowed and root.exists():  # what is there is checked by the source, which names what is missing
-        return
-    if not allowed:
-        raise DataError(f"{root} does not hold the {name} data and --no-download forbids fetching it: expected "
-                        f"{WHERE[name]} (or drop --no-download to fetch {', '.join(r.filename for r in todo)})")
-    hosts = sorted({urllib.parse.urlsplit(mirrored(r.url)).netloc for r in todo})
-    print(f"downloading {name} into {root}: {len(todo)} file(s), about {sum(r.size for r in todo) / 1e9:.1f} GB "
-          f"from {', '.join(hosts)} ({', '.join(r.filename for r in todo[:3])}{', ...' if len(todo) > 3 else ''})",
-          file=sys.stderr, flush=True)
-    root.mkdir(parents=True, exist_ok=True)
-    if not by_hand:
-        begun.touch()
-    for remote in todo:
-        unpack(fetch(remote, root), root, remote)
-        (root / f".{remote.filename}.done").touch()
-    if not by_hand:
-        os.replace(begun, complete)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sources: each returns a Source.
+# --------------------------------------------------------------------------------------------------
+# The readers: each returns a Source.
 
 def read_csv(path, required):
     if not Path(path).is_file():
@@ -452,7 +283,8 @@ def read_csv(path, required):
         reader = csv.DictReader(f)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"CSV {path} lacks the column(s) {', '.join(missing)}: expected {', '.join(required)}")
+            raise DataError(f"CSV {path} lacks the column(s) {', '.join(missing)}: expected "
+                            f"{', '.join(required)}")
         return list(reader)
 
 
@@ -462,7 +294,8 @@ def one_hot_label(row, columns, path, line):
     except (TypeError, ValueError):
         hot = []
     if len(hot) != 1:
-        raise DataError(f"{path} line {line}: expected exactly one 1 among the columns {', '.join(columns)}")
+        raise DataError(f"{path} line {line}: expected exactly one 1 among the columns "
+                        f"{', '.join(columns)}")
     return hot[0]
 
 
@@ -472,7 +305,15 @@ def check_files(folder, names, what):
     present = set(os.listdir(folder))
     missing = [n for n in names if n not in present]
     if missing:
-        raise DataError(f"{len(missing)} image(s) listed for {what} are not in {folder}, e.g. {missing[0]}")
+        raise DataError(f"{len(missing)} image(s) listed for {what} are not in {folder}, e.g. "
+                        f"{missing[0]}")
+
+
+def protocol_splits(items, labels, classes, imbalance_ratio, seed, where):
+    """The ISIC-2019-LT protocol on a pool of (items, labels): split -> (items, labels)."""
+    split = long_tail_split(labels, classes, imbalance_ratio=imbalance_ratio, seed=seed,
+                            where=where)
+    return {name: pick(items, labels, indices) for name, indices in split.items()}
 
 
 def isic(root, seed, imbalance_ratio):
@@ -486,28 +327,33 @@ def isic(root, seed, imbalance_ratio):
             labels.append(label)
     check_files(root / "ISIC_2019_Training_Input", items, "ISIC 2019")
     items = [f"ISIC_2019_Training_Input/{name}" for name in items]
-    split = long_tail_split(labels, ISIC_CLASSES, imbalance_ratio=imbalance_ratio, seed=seed, where=path)
-    return Source(ISIC_CLASSES, root, {s: pick(items, labels, i) for s, i in split.items()}, vertical_flip=True)
+    splits = protocol_splits(items, labels, ISIC_CLASSES, imbalance_ratio, seed, path)
+    return Source(ISIC_CLASSES, root, splits, vertical_flip=True)
+
+
+NIH_SPLITS = {"train": "train", "val": "balanced-val", "test": "balanced-test"}
 
 
 def nih(root, seed, imbalance_ratio):
     splits, classes = {}, None
-    for split, name in (("train", "train"), ("val", "balanced-val"), ("test", "balanced-test")):
-        names = [f"nih-cxr-lt_single-label_{name}.csv", f"nih-lt_single-label_{name}.csv"]  # as published; older
+    for split, name in NIH_SPLITS.items():
+        names = [f"nih-cxr-lt_single-label_{name}.csv",  # as published
+                 f"nih-lt_single-label_{name}.csv"]       # an older name
         path = next((root / n for n in names if (root / n).is_file()), None)
         if path is None:
-            raise DataError(f"missing {root / names[0]}: the NIH-CXR-LT labels sit in a NIH Box folder with no "
-                            "direct address; download nih-cxr-lt_single-label_{train,balanced-val,balanced-test}.csv "
-                            f"from the folder linked at https://github.com/VITA-Group/LongTailCXR into {root}")
+            raise DataError(f"missing {root / names[0]}: the NIH-CXR-LT labels sit in a NIH Box "
+                            "folder with no direct address; download nih-cxr-lt_single-label_"
+                            "{train,balanced-val,balanced-test}.csv from the folder linked at "
+                            f"https://github.com/VITA-Group/LongTailCXR into {root}")
         rows = read_csv(path, ["id"] + (classes or []))
         if classes is None:  # every column but the id (and a subject id, if present) is a class
             with open(path, newline="") as f:
                 classes = [c for c in next(csv.reader(f)) if c not in ("id", "subject_id")]
         labels = [one_hot_label(row, classes, path, line) for line, row in enumerate(rows, start=2)]
-        splits[split] = ([row["id"] for row in rows], labels)
-        check_files(root / "images", splits[split][0], f"NIH-CXR-LT {split}")
-    splits = {s: ([f"images/{item}" for item in items], labels) for s, (items, labels) in splits.items()}
-    return Source(classes, root, splits, vertical_flip=False)  # a chest X-ray's up and down carry meaning
+        ids = [row["id"] for row in rows]
+        check_files(root / "images", ids, f"NIH-CXR-LT {split}")
+        splits[split] = ([f"images/{item}" for item in ids], labels)
+    return Source(classes, root, splits, vertical_flip=False)  # an X-ray's up and down mean much
 
 
 def scan_class_folders(folder, classes=None):
@@ -517,15 +363,17 @@ def scan_class_folders(folder, classes=None):
     names = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not names:
         raise DataError(f"no class sub-folders in {folder}: expected {folder}/<class>/<image>")
-    if classes is not None and set(names) - set(classes):
-        raise DataError(f"{folder} has class folder(s) {', '.join(sorted(set(names) - set(classes)))} "
-                        f"that are not among the training classes {', '.join(classes)}")
+    unknown = sorted(set(names) - set(classes or names))
+    if unknown:
+        raise DataError(f"{folder} has class folder(s) {', '.join(unknown)} that are not among "
+                        f"the training classes {', '.join(classes)}")
     classes = classes or names
     items, labels = [], []
     for name in names:
         files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"class folder {folder / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(f"class folder {folder / name} holds no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         items += [f"{folder.name}/{name}/{p.name}" for p in files]
         labels += [classes.index(name)] * len(files)
     return classes, items, labels
@@ -542,7 +390,8 @@ def load_npz(path, keys):
 
 def npz_labels(labels, path):
     if labels.ndim == 2 and labels.shape[1] != 1:
-        raise DataError(f"{path} has multi-label labels of shape {labels.shape}: expected one label per image (N, 1)")
+        raise DataError(f"{path} has multi-label labels of shape {labels.shape}: expected one "
+                        "label per image (N, 1)")
     return labels.reshape(-1).astype(int)
 
 
@@ -559,22 +408,28 @@ def blood(root, seed, imbalance_ratio):
         images = root
     if np.max(labels) >= len(classes):
         raise DataError(f"label {np.max(labels)} in {root} is outside the {len(classes)} classes")
-    split = long_tail_split(labels, classes, imbalance_ratio=imbalance_ratio, seed=seed, where=root)
-    return Source(classes, images, {s: pick(items, labels, i) for s, i in split.items()}, vertical_flip=True)
+    splits = protocol_splits(items, labels, classes, imbalance_ratio, seed, root)
+    return Source(classes, images, splits, vertical_flip=True)
 
 
 def medmnist(root, seed, imbalance_ratio):
     if not root.is_file():
-        raise DataError(f"{root} is not a .npz file: expected a MedMNIST file such as dermamnist.npz")
+        raise DataError(f"{root} is not a .npz file: expected a MedMNIST file such as "
+                        "dermamnist.npz")
     arrays, stored = load_npz(root, NPZ_KEYS)
     labels = [npz_labels(a, root) for a in arrays[1::2]]
-    num_classes = int(max(l.max() for l in labels)) + 1
-    classes = [str(c) for c in stored["classes"]] if "classes" in stored else [str(k) for k in range(num_classes)]
+    num_classes = int(max(split_labels.max() for split_labels in labels)) + 1
+    if "classes" in stored:
+        classes = [str(c) for c in stored["classes"]]
+    else:
+        classes = [str(k) for k in range(num_classes)]
     if num_classes > len(classes):
         raise DataError(f"{root} has label {num_classes - 1}, outside its {len(classes)} classes")
-    starts = np.cumsum([0] + [len(l) for l in labels])
-    splits = {s: ([str(i) for i in range(starts[j], starts[j + 1])], labels[j].tolist())
-              for j, s in enumerate(("train", "val", "test"))}
+    starts = np.cumsum([0] + [len(split_labels) for split_labels in labels])
+    splits = {}
+    for j, split in enumerate(("train", "val", "test")):
+        rows = [str(i) for i in range(starts[j], starts[j + 1])]
+        splits[split] = (rows, labels[j].tolist())
     return Source(classes, np.concatenate(arrays[0::2]), splits, vertical_flip=False)
 
 
@@ -584,27 +439,32 @@ def image_folders(root, seed, imbalance_ratio):
     _, *splits["test"] = scan_class_folders(root / "test", classes)
     if (root / "val").is_dir():
         _, *splits["val"] = scan_class_folders(root / "val", classes)
-    else:  # carve a stratified 10% of train, at least one image of each class with two or more
-        rng, val = np.random.default_rng(seed), []
-        for k in range(len(classes)):
-            indices = rng.permutation(np.flatnonzero(np.asarray(labels) == k))
-            val += indices[:max(1, len(indices) // 10)].tolist() if len(indices) > 1 else []
-        train = sorted(set(range(len(items))) - set(val))
-        splits = {"train": pick(items, labels, train), "val": pick(items, labels, sorted(val)),
-                  "test": splits["test"]}
+        return Source(classes, root, splits, vertical_flip=False)
+    # no val folder: carve a stratified 10% of train, one image at least of a class with two or more
+    rng, val = np.random.default_rng(seed), []
+    for k in range(len(classes)):
+        indices = rng.permutation(np.flatnonzero(np.asarray(labels) == k))
+        if len(indices) > 1:
+            val += indices[:max(1, len(indices) // 10)].tolist()
+    train = sorted(set(range(len(items))) - set(val))
+    splits = {"train": pick(items, labels, train), "val": pick(items, labels, sorted(val)),
+              "test": splits["test"]}
     return Source(classes, root, splits, vertical_flip=False)
 
 
 def lift_counts(imbalance_ratio, num_classes=100, n_max=500):
-    """n_k = int(n_max (1/r)^(k / (K - 1))), as LDAM-DRW and LIFT compute them: 10,847 images at r = 100."""
-    return [int(n_max * (1 / imbalance_ratio) ** (k / (num_classes - 1.0))) for k in range(num_classes)]
+    """n_k = int(n_max (1/r)^(k / (K - 1))), as LDAM-DRW and LIFT compute them: 10,847 images at
+    r = 100."""
+    return [int(n_max * (1 / imbalance_ratio) ** (k / (num_classes - 1.0)))
+            for k in range(num_classes)]
 
 
 def cifar100_lt(root, seed, imbalance_ratio):
-    """CIFAR-100-LT by LIFT's protocol: class k keeps the first lift_counts(r)[k] of its training images
-    after one shuffle per class, classes in order, from one generator seeded 0 (np.random.seed(0) in LIFT),
-    so that every run sees the subset the papers used; the balanced 10,000-image test set; no val set (the
-    last epoch is tested, as in LIFT). many / medium / few are defined by the counts at r = 100."""
+    """CIFAR-100-LT by LIFT's protocol: class k keeps the first lift_counts(r)[k] of its training
+    images after one shuffle per class, classes in order, from one generator seeded 0
+    (np.random.seed(0) in LIFT), so that every run sees the subset the papers used; the balanced
+    10,000-image test set; no val set (the last epoch is tested, as in LIFT). many / medium / few
+    are defined by the counts at r = 100."""
     folder = root / "cifar-100-python"
 
     def load(name):
@@ -612,63 +472,76 @@ def cifar100_lt(root, seed, imbalance_ratio):
             with open(folder / name, "rb") as f:
                 return pickle.load(f, encoding="latin1")
         except (OSError, EOFError, pickle.UnpicklingError) as error:
-            raise DataError(f"cannot read {folder / name} ({error}): expected CIFAR-100's python version, "
-                            f"{WHERE['cifar100-lt']}") from None
+            raise DataError(f"cannot read {folder / name} ({error}): expected CIFAR-100's python "
+                            f"version, {WHERE['cifar100-lt']}") from None
 
     train, test, meta = load("train"), load("test"), load("meta")
-    labels = np.asarray(train["fine_labels"])
+    labels, classes = np.asarray(train["fine_labels"]), meta["fine_label_names"]
     rng, keep = np.random.RandomState(0), []
-    for k, n in enumerate(lift_counts(imbalance_ratio, len(meta["fine_label_names"]))):
+    for k, n in enumerate(lift_counts(imbalance_ratio, len(classes))):
         indices = np.flatnonzero(labels == k)
         rng.shuffle(indices)
         keep += indices[:n].tolist()
-    images = np.concatenate([train["data"], test["data"]]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    pixels = np.concatenate([train["data"], test["data"]])
+    images = pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
     test_rows = range(len(labels), len(images))
     splits = {"train": ([str(i) for i in keep], labels[keep].tolist()), "val": ([], []),
               "test": ([str(i) for i in test_rows], list(test["fine_labels"]))}
-    return Source(meta["fine_label_names"], images, splits, vertical_flip=False,
-                  group_counts=lift_counts(100, len(meta["fine_label_names"])))
+    return Source(classes, images, splits, vertical_flip=False,
+                  group_counts=lift_counts(100, len(classes)))
 
 
 def places_path(item):
-    """Places-LT's lists say train/<class>/<file> and val/<class>/<file>, a class with a sub-category
-    hyphenated (apartment_building-outdoor); the Places365 256 px archives unpack to
+    """Places-LT's lists say train/<class>/<file> and val/<class>/<file>, a class with a
+    sub-category hyphenated (apartment_building-outdoor); the Places365 256 px archives unpack to
     data_256/<initial>/<class>/<sub-category>/<file> and val_256/<file>."""
     split, rest = item.split("/", 1)
     category, file = rest.rsplit("/", 1)
-    return f"data_256/{rest[0]}/{category.replace('-', '/')}/{file}" if split == "train" else f"val_256/{file}"
+    if split == "train":
+        return f"data_256/{rest[0]}/{category.replace('-', '/')}/{file}"
+    return f"val_256/{file}"
+
+
+def read_list(path):
+    """A published split list: '<path under root> <label>' a line -> (items, labels)."""
+    items, labels = [], []
+    for number, line in enumerate(open(path), start=1):
+        if not (parts := line.split()):
+            continue
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise DataError(f"{path} line {number}: expected '<relative path> <label>', got "
+                            f"{line.strip()[:80]!r}")
+        items.append(parts[0])
+        labels.append(int(parts[1]))
+    return items, labels
 
 
 def split_lists(root, seed, imbalance_ratio, name):
-    """ImageNet-LT, Places-LT, iNaturalist 2018: the published lists, '<path under root> <label>' a line.
-    A class is named by the folder of its first training image."""
+    """ImageNet-LT, Places-LT, iNaturalist 2018: the published lists. A class is named by the
+    folder of its first training image."""
     folder, files = LISTS[name]
     splits = {"val": ([], [])}
     for split, (file, _) in files.items():
-        path, items, labels = root / file, [], []
-        if not path.is_file():
-            raise DataError(f"missing split list {path}: expected {file} from {LISTS_URL}{folder}/")
-        for number, line in enumerate(open(path), start=1):
-            if not (parts := line.split()):
-                continue
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise DataError(f"{path} line {number}: expected '<relative path> <label>', got {line.strip()[:80]!r}")
-            items.append(parts[0])
-            labels.append(int(parts[1]))
-        splits[split] = (items, labels)
+        if not (root / file).is_file():
+            raise DataError(f"missing split list {root / file}: expected {file} from "
+                            f"{LISTS_URL}{folder}/")
+        splits[split] = read_list(root / file)
     names = {}
     for item, label in zip(*splits["train"]):
         names.setdefault(label, item.split("/", 1)[-1].rsplit("/", 1)[0])
-    classes = [names.get(k, str(k)) for k in range(1 + max(max(labels) for _, labels in splits.values() if labels))]
+    num_classes = 1 + max(max(labels) for _, labels in splits.values() if labels)
+    classes = [names.get(k, str(k)) for k in range(num_classes)]
     if name == "places-lt" and not (root / "train").is_dir():
-        splits = {s: ([places_path(item) for item in items], labels) for s, (items, labels) in splits.items()}
-    firsts = {}  # (split, class) -> its first image: one of every class of every list is checked now, so that
-    for split, (items, labels) in splits.items():  # a wrong layout shows at once, not mid-epoch
+        splits = {s: ([places_path(item) for item in items], labels)
+                  for s, (items, labels) in splits.items()}
+    firsts = {}  # (split, class) -> its first image: one of every class of every list is checked
+    for split, (items, labels) in splits.items():  # now, so a wrong layout shows at once
         for item, label in zip(items, labels):
             firsts.setdefault((split, label), item)
-    missing = next((item for item in firsts.values() if not (root / item).is_file()), None)
+    missing = [item for item in firsts.values() if not (root / item).is_file()]
     if missing:
-        raise DataError(f"image {root / missing} of the {name} lists is missing: expected {WHERE[name]} in {root}")
+        raise DataError(f"image {root / missing[0]} of the {name} lists is missing: expected "
+                        f"{WHERE[name]} in {root}")
     return Source(classes, root, splits, vertical_flip=False)
 
 
@@ -676,94 +549,108 @@ def synthetic(root, seed, imbalance_ratio):
     return Source(*make_synthetic(seed, imbalance_ratio), vertical_flip=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The embedded benchmark: stained cells under a microscope. tests/pretrain_tiny.py draws its pretraining
-# images with draw_cells() too, of the 14 other cell types and in the original stain.
+# --------------------------------------------------------------------------------------------------
+# The embedded benchmark: stained cells under a microscope. scripts/pretrain_tiny.py draws its
+# pretraining images with draw_cells() too, of the 14 other cell types and in the original stain.
 
-# Each class is a combination of four factors, and each factor varies within a class and overlaps with
-# its neighbours, so no single cue separates all classes. (stain, nuclei, elongated, granular):
+# Each class is a combination of four factors, and each factor varies within a class and overlaps
+# with its neighbours, so no single cue separates all classes. (stain, nuclei, elongated, granular):
 CELL_TYPES = [(0, 1, 0, 0), (0, 2, 0, 1), (1, 1, 1, 0), (1, 3, 0, 0), (0, 3, 1, 1),
               (1, 2, 1, 1), (0, 1, 1, 1), (1, 1, 0, 1), (0, 2, 1, 0), (1, 3, 1, 0)]
 SYNTHETIC_SIZE, SYNTHETIC_MAX, SYNTHETIC_VAL, SYNTHETIC_TEST = 48, 400, 20, 100
 
 
 def cell_name(stain, nuclei, elongated, granular):
-    return f"{'oval' if elongated else 'round'}-{nuclei}n-{'grainy' if granular else 'smooth'}-" \
-           f"{'pink' if stain == 0 else 'blue'}"
+    shape, texture = "oval" if elongated else "round", "grainy" if granular else "smooth"
+    return f"{shape}-{nuclei}n-{texture}-{'pink' if stain == 0 else 'blue'}"
 
 
 def draw_cells(labels, rng, size=SYNTHETIC_SIZE):
     """One cell per image on a stained, noisy background: (N, size, size, 3) uint8."""
     n = len(labels)
     stain, nuclei, elongated, granular = (np.array(f)[labels] for f in zip(*CELL_TYPES))
-    u = lambda low, high: rng.uniform(low, high, (n, 1, 1))
+
+    def uniform(low, high):  # one draw per image, (N, 1, 1)
+        return rng.uniform(low, high, (n, 1, 1))
+
     y, x = np.mgrid[0:size, 0:size] / size
-    dx, dy = x - u(0.38, 0.62), y - u(0.38, 0.62)
-    angle = u(0, np.pi)
-    along, across = dx * np.cos(angle) + dy * np.sin(angle), -dx * np.sin(angle) + dy * np.cos(angle)
+    dx, dy = x - uniform(0.38, 0.62), y - uniform(0.38, 0.62)
+    angle = uniform(0, np.pi)
+    along = dx * np.cos(angle) + dy * np.sin(angle)
+    across = -dx * np.sin(angle) + dy * np.cos(angle)
     aspect = 1.0 + 0.45 * elongated[:, None, None] + rng.normal(0, 0.18, (n, 1, 1))
-    radius = u(0.17, 0.27)
-    cell = 1 / (1 + np.exp((np.hypot(along / aspect, across * aspect) / radius - 1) * 12))  # soft edge
+    radius = uniform(0.17, 0.27)
+    distance = np.hypot(along / aspect, across * aspect) / radius
+    cell = 1 / (1 + np.exp((distance - 1) * 12))  # a soft edge
     # granules: a random-phase interference pattern, stronger in granular classes
-    grain = np.sin(along * u(50, 80) + u(0, 6)) * np.sin(across * u(50, 80) + u(0, 6))
+    grain = np.sin(along * uniform(50, 80) + uniform(0, 6))
+    grain = grain * np.sin(across * uniform(50, 80) + uniform(0, 6))
     grain *= (0.08 + 0.22 * granular[:, None, None] + rng.normal(0, 0.09, (n, 1, 1))).clip(0)
-    # nuclei: dark blobs spread around the cell's centre; the count is off by one in a fifth of cells
+    # nuclei: dark blobs spread around the cell's centre; the count is off by one in a fifth
     count = np.clip(nuclei + rng.choice([-1, 0, 0, 0, 0, 0, 0, 0, 0, 1], n), 1, 4)
     nucleus = np.zeros_like(cell)
     for j in range(4):
         offset = (count > 1)[:, None, None] * radius * 0.45
         phase = 2 * np.pi * j / count[:, None, None] + angle
-        blob = np.hypot(along / aspect - offset * np.cos(phase), across * aspect - offset * np.sin(phase))
-        nucleus = np.maximum(nucleus, (j < count)[:, None, None] / (1 + np.exp((blob / (radius * 0.32) - 1) * 10)))
+        blob = np.hypot(along / aspect - offset * np.cos(phase),
+                        across * aspect - offset * np.sin(phase))
+        shown = (j < count)[:, None, None] / (1 + np.exp((blob / (radius * 0.32) - 1) * 10))
+        nucleus = np.maximum(nucleus, shown)
     hue = np.where(stain[:, None] == 0, [[0.85, 0.45, 0.65]], [[0.45, 0.55, 0.9]])
     hue = (hue + rng.normal(0, 0.12, (n, 3)))[:, None, None, :]
     background = np.array([0.93, 0.88, 0.9]) + rng.normal(0, 0.04, (n, 1, 1, 3))
     image = background * (1 - cell[..., None]) + hue * (cell * (1 + grain))[..., None]
-    image = image * (1 - 0.75 * nucleus[..., None]) + 0.25 * nucleus[..., None] * np.array([0.35, 0.1, 0.4])
+    dark = 0.25 * nucleus[..., None] * np.array([0.35, 0.1, 0.4])
+    image = image * (1 - 0.75 * nucleus[..., None]) + dark
     image += rng.normal(0, 0.06, image.shape)
     return (image.clip(0, 1) * 255).astype(np.uint8)
 
 
 def make_synthetic(seed=0, imbalance_ratio=100):
-    """Long-tailed train (SYNTHETIC_MAX images for class 0 down to / imbalance_ratio), balanced val and test."""
+    """Long-tailed train (SYNTHETIC_MAX images of class 0 down to / imbalance_ratio), balanced val
+    and test."""
     rng = np.random.default_rng(seed)
     classes = [cell_name(*t) for t in CELL_TYPES]
     counts = {"train": long_tail_counts(SYNTHETIC_MAX, len(classes), imbalance_ratio),
               "val": [SYNTHETIC_VAL] * len(classes), "test": [SYNTHETIC_TEST] * len(classes)}
     labels = {s: np.repeat(np.arange(len(classes)), c) for s, c in counts.items()}
     everything = np.concatenate(list(labels.values()))
-    # a domain gap, as between a foundation model's data and scientific images: the benchmark's slides are
-    # stained with other dyes (colour channels permuted) than those the tiny model was pretrained on
+    # a domain gap, as between a foundation model's data and scientific images: the benchmark's
+    # slides are stained with other dyes (colour channels permuted) than the pretraining's
     images = draw_cells(everything, rng)[..., [1, 2, 0]]
-    starts = np.cumsum([0] + [len(l) for l in labels.values()])
+    starts = np.cumsum([0] + [len(split_labels) for split_labels in labels.values()])
     splits = {s: ([str(i) for i in range(starts[j], starts[j + 1])], labels[s].tolist())
               for j, s in enumerate(labels)}
     return classes, images, splits
 
 
+# --------------------------------------------------------------------------------------------------
+
 SOURCES = {"synthetic": synthetic, "isic": isic, "nih": nih, "blood": blood, "npz": medmnist,
            "folder": image_folders, "cifar100-lt": cifar100_lt,
            **{name: functools.partial(split_lists, name=name) for name in LISTS}}
-OWN_SPLITS = {"nih", "npz", "folder", *LISTS}  # kept as published: no long-tailed subsampling, no imbalance ratio
+OWN_SPLITS = {"nih", "npz", "folder", *LISTS}  # kept as published: no long-tailed subsampling
 
 
 def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=None, seed=0,
               mean=(0.5,) * 3, std=(0.5,) * 3, splits=None, download=True):
-    """The train, val and test sets of data set `name`, from `root` (default DEFAULT_ROOTS[name]), fetched
-    there first if missing and `download`. `augment`: none, light or strong (default: by img_size, see
-    default_augment). `imbalance_ratio`: r of the long-tailed protocol (default 100), for the sets it
-    applies to. `splits`, a CSV from write_splits(), replaces the split this call would make, so that a
-    resumed or repeated evaluation sees exactly the same images."""
+    """The train, val and test sets of data set `name`, from `root` (default DEFAULT_ROOTS[name]),
+    fetched there first if missing and `download`. `augment`: none, light or strong (default: by
+    img_size, see default_augment). `imbalance_ratio`: r of the long-tailed protocol (default 100),
+    for the sets it applies to. `splits`, a CSV from write_splits(), replaces the split this call
+    would make, so that a resumed or repeated evaluation sees exactly the same images."""
     if name not in SOURCES:
         raise DataError(f"unknown data set {name!r}: expected one of {', '.join(SOURCES)}")
     if name in OWN_SPLITS and imbalance_ratio is not None:
-        raise DataError(f"--imbalance-ratio does not apply to --data {name}, which keeps its own splits: "
-                        f"expected it only with {', '.join(sorted(set(SOURCES) - OWN_SPLITS))}")
+        raise DataError(f"--imbalance-ratio does not apply to --data {name}, which keeps its own "
+                        "splits: expected it only with "
+                        f"{', '.join(sorted(set(SOURCES) - OWN_SPLITS))}")
     if name != "synthetic":
         if root is None and name not in DEFAULT_ROOTS:
             raise DataError(f"--data {name} needs --data-root: expected {WHERE[name]}")
         root = Path(root or DEFAULT_ROOTS[name])
         if root.suffix != ".npz":  # a file named by the user is never a folder to download into
+            from download import ensure_downloaded  # here: only a missing set needs the network
             ensure_downloaded(name, root, download)
         if not root.exists():
             raise DataError(f"--data-root {root} does not exist: expected {WHERE[name]}")
@@ -771,11 +658,15 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
     splits = read_splits(splits, source.classes) if splits else source.splits
     counts = np.bincount(splits["train"][1], minlength=len(source.classes)).tolist()
     if 0 in counts:
-        raise DataError(f"class {source.classes[counts.index(0)]} has no training images in {root}: "
-                        "every class needs one")
+        raise DataError(f"class {source.classes[counts.index(0)]} has no training images in "
+                        f"{root}: every class needs one")
     augment = augment or default_augment(img_size)
-    transform = lambda policy: make_transform(img_size, mean, std, policy, source.vertical_flip)
-    image_set = lambda split, policy: ImageSet(source.images, *splits[split], transform(policy),
-                                               draft_size=round(img_size / 0.875))
+
+    def image_set(split, policy):
+        transform = make_transform(img_size, mean, std, policy, source.vertical_flip)
+        draft = round(img_size / 0.875)
+        return ImageSet(source.images, *splits[split], transform, draft_size=draft)
+
     return Data(image_set("train", augment), image_set("val", "none"), image_set("test", "none"),
-                image_set("train", "none"), source.classes, counts, source.group_counts or counts, splits)
+                image_set("train", "none"), source.classes, counts, source.group_counts or counts,
+                splits)

@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 import data
+import download
 import train
-from data import DataError, Remote, load_data
+from data import DataError, load_data
+from download import Remote
 
 
 class Server:
@@ -99,10 +101,10 @@ def archive(files, kind="tar.gz"):
 def serve_set(server, monkeypatch, name, bodies):
     """Serve one body per remote of set `name`, with that set's checksums and counts made the fixtures'."""
     remotes = []
-    for remote, (body, count) in zip(data.REMOTE[name], bodies):
+    for remote, (body, count) in zip(download.REMOTE[name], bodies):
         md5 = server.put(remote, body)
         remotes.append(remote._replace(md5=md5 if remote.md5 else None, count=count if remote.count else None))
-    monkeypatch.setitem(data.REMOTE, name, remotes)
+    monkeypatch.setitem(download.REMOTE, name, remotes)
 
 
 def run_train(argv, capsys):
@@ -133,16 +135,16 @@ def test_fetch_resumes_after_a_cut_and_names_the_file_only_when_whole(server, tm
     server.put(remote, body)
     server.cut.add("/files/big.bin")
     with pytest.raises(DataError, match=r"stopped at 1,500,000 of 3,000,000 bytes: run again to resume"):
-        data.fetch(remote, tmp_path)
+        download.fetch(remote, tmp_path)
     assert not (tmp_path / "big.bin").exists() and (tmp_path / "big.bin.part").stat().st_size == 1_500_000
-    assert data.fetch(remote, tmp_path).read_bytes() == body
+    assert download.fetch(remote, tmp_path).read_bytes() == body
     assert server.requests[-1] == ("/files/big.bin", "bytes=1500000-")  # the second request asked for the rest
     assert not (tmp_path / "big.bin.part").exists()
 
 
 def test_checksum_mismatch_is_one_line_and_leaves_nothing_that_looks_complete(server, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    server.put(data.REMOTE["blood"][0], b"not the published file")
+    server.put(download.REMOTE["blood"][0], b"not the published file")
     status, out, err = run_train(["--data", "blood", "--model", "tiny", "--out", "run"], capsys)
     line = one_error_line(err)
     assert status == 2 and "does not match its published md5 b718ff6835fcbdb22ba9eacccd7b2601" in line
@@ -247,7 +249,7 @@ def test_blood_fetches_the_224_px_bloodmnist_file(server, tmp_path, monkeypatch)
 
 def test_nih_fetches_the_images_and_says_where_the_labels_are(server, tmp_path, monkeypatch):
     png = jpeg(fmt="PNG")
-    monkeypatch.setitem(data.REMOTE, "nih", data.REMOTE["nih"][:2])
+    monkeypatch.setitem(download.REMOTE, "nih", download.REMOTE["nih"][:2])
     names = [[f"0000{a}_00{i}.png" for i in range(3)] for a in (1, 2)]
     serve_set(server, monkeypatch, "nih", [(archive({f"images/{n}": png for n in part}), 3) for part in names])
     root = tmp_path / "nih"
@@ -314,10 +316,10 @@ def write_lists(server, monkeypatch, name, lists):
     """Serve one list per split of set `name` ({split: [(path, label)]}); returns the lines per file."""
     folder, files = data.LISTS[name]
     bodies = {file: "".join(f"{p} {y}\n" for p, y in lists[split]).encode() for split, (file, _) in files.items()}
-    remotes = [r._replace(count=len(lists[split])) for r, split in zip(data.REMOTE[name], files)]
+    remotes = [r._replace(count=len(lists[split])) for r, split in zip(download.REMOTE[name], files)]
     for remote in remotes:
         server.put(remote, bodies[remote.filename])
-    monkeypatch.setitem(data.REMOTE, name, remotes + data.REMOTE[name][len(files):])  # then the image archives
+    monkeypatch.setitem(download.REMOTE, name, remotes + download.REMOTE[name][len(files):])  # then the image archives
 
 
 def test_imagenet_lt_fetches_its_lists_into_a_root_laid_out_by_hand(server, tmp_path, monkeypatch):
@@ -358,8 +360,8 @@ def test_places_lt_downloads_and_reads_the_places365_archive_layout(server, tmp_
                   "data_256/z/zen_garden/00000005.jpg", "data_256/z/zen_garden/00000009.jpg"]
     train_tar = archive({path: jpeg() for path in in_archive}, "tar")
     val_tar = archive({f"val_256/Places365_val_0000000{i}.jpg": jpeg() for i in (1, 2, 3)}, "tar")
-    lists_, archives = data.REMOTE["places-lt"][:3], data.REMOTE["places-lt"][3:]
-    monkeypatch.setitem(data.REMOTE, "places-lt", lists_ + [
+    lists_, archives = download.REMOTE["places-lt"][:3], download.REMOTE["places-lt"][3:]
+    monkeypatch.setitem(download.REMOTE, "places-lt", lists_ + [
         r._replace(md5=server.put(r, body)) for r, body in zip(archives, (train_tar, val_tar))])
     root = tmp_path / "places"
     d = load_data("places-lt", root, img_size=32)
@@ -377,8 +379,8 @@ def test_inat2018_tests_on_its_val_list_and_bad_lines_are_named(server, tmp_path
              "test": [(f"train_val2018/Plantae/{k}/v.jpg", k) for k in range(2)]}
     write_lists(server, monkeypatch, "inat2018", lists)
     images = archive({p: jpeg() for p, _ in lists["train"] + lists["test"]})
-    remote = data.REMOTE["inat2018"][-1]
-    monkeypatch.setitem(data.REMOTE, "inat2018", data.REMOTE["inat2018"][:2] + [
+    remote = download.REMOTE["inat2018"][-1]
+    monkeypatch.setitem(download.REMOTE, "inat2018", download.REMOTE["inat2018"][:2] + [
         remote._replace(md5=server.put(remote, images), count=len(lists["train"]) + 2)])
     root = tmp_path / "inat"
     d = load_data("inat2018", root, img_size=32)

@@ -178,7 +178,7 @@ def test_any_set_of_levels_taps_timm_intermediates_and_fuses_by_a_per_class_soft
                                    rtol=0, atol=0)
     # one gate weight per class and level, a softmax over the levels: 1 / L at start
     assert model.gate.shape == (len(COUNTS), len(chosen)) and len(model.heads) == len(chosen)
-    torch.testing.assert_close(model.fusion_weights(), torch.full((5, len(chosen)), 1 / len(chosen)))
+    torch.testing.assert_close(model.level_weights(), torch.full((5, len(chosen)), 1 / len(chosen)))
     with torch.no_grad():
         model.gate.normal_()
     out, a = model(x), torch.softmax(model.gate, dim=1)
@@ -212,17 +212,17 @@ def test_methods_produce_the_documented_outputs():
     out = fused(x)
     s1, s2 = out.levels
     assert out.logits.shape == s1.shape == s2.shape == (3, len(COUNTS))
-    torch.testing.assert_close(fused.fusion_weights(), torch.full((5, 2), 0.5))
+    torch.testing.assert_close(fused.level_weights(), torch.full((5, 2), 0.5))
     torch.testing.assert_close(out.logits, 0.5 * s1 + 0.5 * s2)
     assert out.logits.abs().max() <= 25.0 + 1e-4  # cosine heads are bounded by their scale
     fixed, _ = build("scilt", fusion="fixed")
     assert fixed.gate is None and [n for n, _ in fixed.named_parameters() if "gate" in n] == []
-    torch.testing.assert_close(fixed.fusion_weights(), torch.full((5, 2), 0.5))
+    torch.testing.assert_close(fixed.level_weights(), torch.full((5, 2), 0.5))
 
     final, _ = build("final")
     out = final(x)
     assert final.level_names() == ["final"] and out.logits is out.levels[0] and final.gate is None
-    torch.testing.assert_close(final.fusion_weights(), torch.ones(5, 1))
+    torch.testing.assert_close(final.level_weights(), torch.ones(5, 1))
 
     penultimate, _ = build("penultimate")
     out = penultimate(x)
@@ -405,25 +405,27 @@ def test_rademacher_draws_estimate_the_complexity_under_its_bound():
 
 
 def test_rademacher_check_pairs_the_levels_and_reports_fractions_of_the_bound():
-    n = 500
+    n, weights = 500, torch.tensor([[0.2, 0.8], [0.4, 0.6]])
     same = torch.randn(1, 8).repeat(n, 1)  # identical features: |sum sigma_i h| = |sum sigma_i| |h|
-    check = scilt.rademacher_check({"penultimate": same, "final": same}, torch.tensor([[0.2, 0.8], [0.4, 0.6]]), scale=7.0)
-    level, total = check["final"], check["sum"]
-    assert level["bound"] == pytest.approx(7 / math.sqrt(n)) and total["bound"] == pytest.approx(14 / math.sqrt(n))
-    assert level["fraction"] == pytest.approx(math.sqrt(2 / math.pi), abs=0.05)  # E|sum sigma_i| ~ sqrt(2n/pi)
-    # the sum class from the same draws: twice a level's estimate AND twice its standard error (paired
-    # draws move together), not sqrt(2) times as for independent estimates
-    assert total["estimate"] == pytest.approx(2 * level["estimate"])
-    assert total["stderr"] == pytest.approx(2 * level["stderr"])
+    check = scilt.rademacher_check({"penultimate": same, "final": same}, weights, scale=7.0)
+    level, total = check.classes["final"], check.classes["sum"]
+    assert level.bound == pytest.approx(7 / math.sqrt(n))
+    assert total.bound == pytest.approx(14 / math.sqrt(n))
+    # E|sum sigma_i| ~ sqrt(2n/pi)
+    assert level.fraction == pytest.approx(math.sqrt(2 / math.pi), abs=0.05)
+    # the sum class from the same draws: twice a level's estimate AND twice its standard error
+    # (paired draws move together), not sqrt(2) times as for independent estimates
+    assert total.estimate == pytest.approx(2 * level.estimate)
+    assert total.stderr == pytest.approx(2 * level.stderr)
     # orthogonal features: the estimate is its bound; the fused class with the mean class's a = 0.3
     q = torch.linalg.qr(torch.randn(64, 64))[0]
-    check = scilt.rademacher_check({"penultimate": q, "final": torch.randn(64, 64)}, torch.tensor([[0.2, 0.8], [0.4, 0.6]]),
+    check = scilt.rademacher_check({"penultimate": q, "final": torch.randn(64, 64)}, weights,
                                    scale=7.0)
-    assert check["penultimate"]["fraction"] == pytest.approx(1.0) and check["penultimate"]["stderr"] < 1e-8
-    pen, fin = check["penultimate"]["estimate"], check["final"]["estimate"]
-    assert check["fused"]["estimate"] == pytest.approx(0.3 * pen + 0.7 * fin)
-    assert check["sum"]["estimate"] == pytest.approx(check["penultimate"]["estimate"] + check["final"]["estimate"])
-    assert check["n"] == 64 and check["scale"] == 7.0 and check["mean_a"] == pytest.approx([0.3, 0.7])
+    pen, fin = check.classes["penultimate"], check.classes["final"]
+    assert pen.fraction == pytest.approx(1.0) and pen.stderr < 1e-8
+    assert check.classes["fused"].estimate == pytest.approx(0.3 * pen.estimate + 0.7 * fin.estimate)
+    assert check.classes["sum"].estimate == pytest.approx(pen.estimate + fin.estimate)
+    assert check.n == 64 and check.scale == 7.0 and check.level_weights == pytest.approx([0.3, 0.7])
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

@@ -16,7 +16,9 @@ from PIL import Image
 
 import scilt
 import train
+import conftest
 from conftest import tiny_vit
+from data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--img-size", "16", "--epochs", "1"]
@@ -31,12 +33,8 @@ def run(*argv):
 
 
 def fails(capsys, *argv):
-    """The promised failure: exit status 2 and one line on stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(list(argv))
-    error = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(error.splitlines()) == 1, error
-    return error
+    """train.py's promised failure: exit status 2 and one line on stderr."""
+    return conftest.fails(capsys, train.main, *argv)
 
 
 def comparable(metrics):
@@ -52,20 +50,22 @@ def test_default_run_writes_the_report(tmp_path, capsys):
     assert list(metrics["class_counts"].values()) == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
     a = list(metrics["fusion_weights"].values())
     assert all(0 < w < 1 for w in a)
-    assert max(abs(w - 0.5) for w in a) > 0.02 and len(set(a)) == 10  # the gate learns, class by class
+    assert max(abs(w - 0.5) for w in a) > 0.02 and len(set(a)) == 10  # the gate learns, by class
     for head in ("start", "probe", "penultimate", "final", "fused"):
         assert {"balanced_acc", "many", "medium", "few"} <= set(metrics["heads"][head])
     assert metrics["heads"]["fused"]["balanced_acc"] == metrics["balanced_acc"]
     r = metrics["rademacher"]
     assert r["n"] == 988  # the training sample
     assert r["gap"] == pytest.approx(r["train_balanced_acc"] - metrics["balanced_acc"])
-    assert r["mean_a"] == pytest.approx([np.mean(a), 1 - np.mean(a)])
-    assert all(w["penultimate"] == pytest.approx(metrics["fusion_weights"][c]) and sum(w.values()) == pytest.approx(1)
-               for c, w in metrics["level_weights"].items())
-    assert r["fused"]["estimate"] == pytest.approx(np.mean(a) * r["penultimate"]["estimate"]
-                                                   + (1 - np.mean(a)) * r["final"]["estimate"])
-    assert r["sum"]["estimate"] == pytest.approx(r["penultimate"]["estimate"] + r["final"]["estimate"])
-    assert all(0.75 < r[k]["fraction"] < 1.05 for k in ("penultimate", "final", "sum", "fused"))
+    assert r["level_weights"] == pytest.approx([np.mean(a), 1 - np.mean(a)])
+    for c, w in metrics["level_weights"].items():
+        assert w["penultimate"] == pytest.approx(metrics["fusion_weights"][c])
+        assert sum(w.values()) == pytest.approx(1)
+    estimates = {name: c["estimate"] for name, c in r["classes"].items()}
+    assert estimates["fused"] == pytest.approx(np.mean(a) * estimates["penultimate"]
+                                               + (1 - np.mean(a)) * estimates["final"])
+    assert estimates["sum"] == pytest.approx(estimates["penultimate"] + estimates["final"])
+    assert all(0.75 < c["fraction"] < 1.05 for c in r["classes"].values())
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     printed = capsys.readouterr().out
     assert "penultimate head" in printed and "Rademacher complexity" in printed and "img/s" in printed
@@ -100,7 +100,7 @@ def test_blocks_fuses_any_set_of_levels(tmp_path, capsys):
         ["start", "probe", "block1", "penultimate", "final", "fused"]
     assert all(list(w) == ["block1", "penultimate", "final"] and sum(w.values()) == pytest.approx(1)
                for w in metrics["level_weights"].values())
-    assert {"block1", "penultimate", "final", "sum", "fused"} <= set(metrics["rademacher"])
+    assert set(metrics["rademacher"]["classes"]) == {"block1", "penultimate", "final", "sum", "fused"}
     checkpoint = torch.load(tmp_path / "three" / "checkpoint.pt", weights_only=True)
     assert checkpoint["model"]["gate"].shape == (10, 3) and checkpoint["args"]["blocks"] == [1, -2, -1]
     # levels without the final block: the probe still reads the final block's features
@@ -139,19 +139,22 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         capsys, "--data", "isic", "--data-root", str(tmp_path / "x"), "--no-download")
     assert "does not exist: expected MedMNIST" in fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "x"))
     assert "invalid choice: 'imagenet'" in fails(capsys, "--data", "imagenet")
-    assert "unknown model 'vit_nope'" in fails(capsys, *FAST, "--model", "vit_nope", "--out", str(tmp_path / "m"))
+    assert "unknown model 'vit_nope'" in fails(capsys, *FAST, "--model", "vit_nope",
+                                               "--out", str(tmp_path / "m"))
     assert "--epochs must be positive" in fails(capsys, "--epochs", "0")
     assert "no checkpoint at" in fails(capsys, "--out", str(tmp_path / "none"), "--eval-only")
-    assert "weights file" in fails(capsys, *FAST, "--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path / "w"))
+    assert "weights file" in fails(capsys, *FAST, "--weights", str(tmp_path / "w.pth"),
+                                   "--out", str(tmp_path / "w"))
     assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
 
 
 def test_real_data_defaults_to_hub_weights_and_says_how_to_go_offline(tmp_path, capsys):
     write_npz(tmp_path / "three.npz", 3)
     args = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz")])
-    assert (args.model, args.pretrained, args.img_size, args.epochs) == ("vit_base_patch16_224.augreg_in21k", True, 224, 20)
-    tiny = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--model", "tiny"])
-    assert (tiny.img_size, tiny.pretrained) == (32, True)  # the bundled tiny model, at its own size
+    assert (args.model, args.img_size, args.epochs) == ("vit_base_patch16_224.augreg_in21k", 224, 20)
+    tiny = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz"),
+                             "--model", "tiny"])
+    assert (tiny.img_size, tiny.lr) == (32, 3e-3)  # the bundled tiny model, at its own size
     # the tests never reach the hub (HF_HUB_OFFLINE=1), as on a machine without internet
     error = fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r"))
     assert "could not fetch pretrained weights for vit_base_patch16_224.augreg_in21k" in error
@@ -251,7 +254,8 @@ def test_tiny_default_is_the_bundled_foundation_model():
     assert set(stored) == set(backbone.state_dict())
     for name, tensor in backbone.state_dict().items():
         torch.testing.assert_close(tensor, stored[name].float(), rtol=0, atol=0)
-    random = train.load_backbone(train.parse_args(["--no-pretrained"]))
+    kwargs = {k: v for k, v in train.TINY.items() if k != "name"}
+    random = scilt.create_backbone(train.TINY["name"], **kwargs)  # timm's own initialisation
     assert not torch.equal(random.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
     # the stand-in pretrained across a domain gap, on fractals, loads the same way
     fractal = train.load_backbone(train.parse_args(["--weights", str(ROOT / "fractal_vit.safetensors")]))
@@ -264,7 +268,7 @@ def test_start_row_is_the_class_mean_model_at_step_0(tmp_path):
     """heads.start, computed here independently: cosine nearest class mean on the frozen final features."""
     metrics = run(*FAST, "--method", "final", "--out", str(tmp_path))
     args = train.parse_args(FAST)
-    data = train.load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    data = load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     backbone = train.load_backbone(args).eval()
     with torch.no_grad():
         features = lambda images: torch.nn.functional.normalize(scilt.tap(backbone, torch.stack(
@@ -319,42 +323,6 @@ def test_folder_without_val_images_trains_and_reports(tmp_path, capsys):
     assert metrics["best_epoch"] == 2 and metrics["fusion_val_correlation"] is None
 
 
-def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys):
-    final = run(*FAST, "--method", "final", "--out", str(tmp_path / "final"))
-    train.main([*FAST, "--analyze", "--out", str(tmp_path / "analysis")])
-    printed = capsys.readouterr().out
-    analysis = json.loads((tmp_path / "analysis" / "layers.json").read_text())
-    layers = analysis["layers"]
-    assert [layer["block"] for layer in layers] == [1, 2, 3, 4, 5, 6]
-    for layer in layers:
-        assert set(layer["ncm"]) == set(layer["probe"]) == set(final["heads"]["start"])
-    # the last block's class means are the final head at step 0
-    assert layers[-1]["ncm"] == final["heads"]["start"]
-    assert "best block per column" in printed and "penultimate block's frozen features serve the few" in printed
-    chosen = analysis["recommended"]
-    assert analysis["default"]["blocks"] == [5, 6] and 1 <= chosen["blocks"][0] < chosen["blocks"][1] <= 6
-    assert chosen["val"]["balanced_acc"] >= analysis["default"]["val"]["balanced_acc"]
-    assert f"Recommended on val: --blocks {chosen['blocks'][0]} {chosen['blocks'][1]}" in printed
-    assert not (tmp_path / "analysis" / "checkpoint.pt").exists()
-    with Image.open(tmp_path / "analysis" / "layers.png") as image:
-        assert image.format == "PNG"
-
-
-def test_analysis_table_marks_the_best_block_per_column(capsys):
-    keys = ("overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle", "tail")
-    metrics = lambda balanced, few: {**dict.fromkeys(keys, 0.5), "balanced_acc": balanced, "few": few}
-    layers = [{"block": 1, "ncm": metrics(0.3, 0.1), "probe": metrics(0.4, 0.2)},
-              {"block": 2, "ncm": metrics(0.6, 0.5), "probe": metrics(0.7, 0.6)},
-              {"block": 3, "ncm": metrics(0.7, 0.4), "probe": metrics(0.65, 0.3)}]
-    pick = {"blocks": [2, 3], "val": {"balanced_acc": 0.5, "few": 0.4}}
-    train.print_layers({"layers": layers, "recommended": pick, "default": pick})
-    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()}
-    # columns: ncm balanced many medium few, probe balanced many medium few
-    assert rows["3"][0] == "70.0*" and rows["2"][0] == "60.0" and rows["2"][3] == "50.0*"
-    assert rows["2"][4] == "70.0*" and rows["2"][7] == "60.0*" and rows["3"][7] == "30.0"
-    assert rows["1"][1] == "50.0*"  # ties are all marked
-
-
 def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_zero():
     args = argparse.Namespace(lr=2.0)
     lr = lambda step: train.get_lr(step, 105, args)  # warm-up: round(0.05 * 105) = 5 steps
@@ -393,147 +361,6 @@ def test_val_can_choose_the_epoch_only_with_enough_images_of_every_class():
     images = lambda per_class: torch.utils.data.TensorDataset(
         torch.randn(2 * per_class, 3, 32, 32), torch.arange(2).repeat_interleave(per_class))
     for per_class in (train.MIN_VAL_PER_CLASS - 1, train.MIN_VAL_PER_CLASS):
-        score, enough = train.val_score(model, train.loader(images(per_class), args, torch.device("cpu")), [5, 3],
-                                        torch.device("cpu"))
+        val = train.make_loader(images(per_class), args, torch.device("cpu"))
+        score, enough = train.val_score(model, val, [5, 3], torch.device("cpu"))
         assert 0 <= score <= 1 and enough == (per_class == train.MIN_VAL_PER_CLASS)
-
-
-def test_probe_weight_decay_is_the_best_on_val():
-    generator = torch.Generator().manual_seed(0)
-    centres = torch.randn(4, 64, generator=generator)
-    sample = lambda n: (lambda y: (centres[y] + 3 * torch.randn(len(y), 64, generator=generator), y))(
-        torch.arange(4).repeat(n))
-    (h, y), (val_h, val_y) = sample(6), sample(40)
-    counts = [6] * 4
-    log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / 24)
-    scores = [train.head_metrics(train.linear_probe(h, y, log_prior, train.TAU, decay)(val_h), val_y, counts)["balanced_acc"]
-              for decay in train.PROBE_WEIGHT_DECAYS]
-    assert len(set(scores)) > 1  # the decay matters on these features
-    best = train.PROBE_WEIGHT_DECAYS[scores.index(max(scores))]
-    chosen = train.fit_probe(h, y, val_h, val_y, counts)(val_h)
-    torch.testing.assert_close(chosen, train.linear_probe(h, y, log_prior, train.TAU, best)(val_h))
-
-
-def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gain():
-    """CIFAR-100-LT's many / medium / few come from its r = 100 counts whatever the training counts are;
-    and a class whose gate leans on the penultimate layer where that head does better correlates +."""
-    model = scilt.SciLT(tiny_vit(), [200, 50, 5])
-    with torch.no_grad():
-        model.gate[:, 0] = torch.tensor([2.0, 0.0, -2.0])  # a = 0.88, 0.5, 0.12
-    said = lambda *predicted: torch.tensor(predicted)  # what predict() keeps: each head's predicted classes
-    labels = said(0, 0, 1, 1, 2, 2)
-    test = dict(fused=said(0, 0, 1, 1, 0, 0), penultimate=said(0, 0, 1, 1, 0, 0), final=said(0, 0, 1, 1, 0, 0),
-                labels=labels)
-    # on val the penultimate head is right on class 0 and wrong on class 2, the final head the reverse
-    val = dict(penultimate=said(0, 0, 1, 1, 0, 0), final=said(1, 1, 1, 1, 2, 2), fused=said(0, 0, 1, 1, 2, 2),
-               labels=labels)
-    train_set = dict(h=torch.randn(6, 2, 48), fused=test["fused"], labels=labels)
-    report = train.report(model, test, val, train_set, ["a", "b", "c"], [200, 50, 5], [5, 50, 200], {})
-    assert (report["many"], report["medium"], report["few"]) == (0.0, 1.0, 1.0)  # by [5, 50, 200]
-    assert report["fusion_val_correlation"] == pytest.approx(1.0)
-
-
-def test_linear_probe_separates_separable_features():
-    counts = [120, 60, 30, 12, 4]
-    log_prior = torch.log(torch.tensor(counts) / sum(counts))
-    centres = 4 * torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)
-    labels = torch.arange(5).repeat_interleave(torch.tensor(counts))
-    h = centres[labels] + 0.5 * torch.randn(len(labels), 32)
-    probe = train.linear_probe(h, labels, log_prior)
-    assert (probe(h) == labels).all()
-    test_labels = torch.arange(5).repeat(20)
-    assert (probe(centres[test_labels] + 0.5 * torch.randn(100, 32)) == test_labels).all()
-
-
-def test_linear_probe_in_chunks_is_the_same_fit():
-    """Bounded memory: the loss summed over chunks of images is the full-batch loss, so the fit is the same."""
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.arange(4).repeat_interleave(torch.tensor([40, 20, 10, 5]))
-    h = torch.randn(4, 12, generator=generator)[labels] + torch.randn(75, 12, generator=generator)
-    log_prior = torch.log(torch.tensor([40, 20, 10, 5]) / 75)
-    whole, chunked = (train.linear_probe(h, labels, log_prior, chunk=chunk) for chunk in (8192, 16))
-    x = torch.randn(500, 12, generator=generator)
-    assert (whole(x) == chunked(x)).float().mean() > 0.99
-
-
-def test_linear_probe_with_logit_adjustment_is_balanced_on_overlapping_long_tailed_features():
-    """Overlapping classes, 300 down to 3 training images: a plain softmax regression leans to the head
-    classes; the logit-adjusted one (as the heads' loss) is clearly better on a balanced test set."""
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.tensor([300, 120, 50, 20, 8, 3])
-    centres = 1.5 * torch.nn.functional.normalize(torch.randn(6, 16, generator=generator), dim=-1)
-    sample = lambda labels: centres[labels] + 0.6 * torch.randn(len(labels), 16, generator=generator)
-    labels, test_labels = torch.arange(6).repeat_interleave(counts), torch.arange(6).repeat(300)
-    h, test_h = sample(labels), sample(test_labels)
-    log_prior = torch.log(counts / counts.sum())
-    balanced = lambda tau: scilt.long_tail_metrics(train.linear_probe(h, labels, log_prior, tau)(test_h),
-                                                   test_labels, counts)["balanced_acc"]
-    assert balanced(1.0) > balanced(0.0) + 0.03
-
-
-def write_image_folder(root, seed=0):
-    """Three colour classes, weakly separated by noise: 12 / 9 / 6 training and 5 test images each."""
-    rng = np.random.default_rng(seed)
-    for split, sizes in (("train", (12, 9, 6)), ("test", (5, 5, 5))):
-        for k, (name, n) in enumerate(zip(("red", "green", "blue"), sizes)):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 200, (20, 20, 3))
-                pixels[..., k] += 40
-                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
-
-
-def test_predict_and_export_give_the_evaluations_predictions(tmp_path, capsys):
-    import csv
-    from torchvision.transforms import v2
-
-    root, out = tmp_path / "images", tmp_path / "run"
-    write_image_folder(root)
-    metrics = run("--data", "folder", "--data-root", str(root), "--model", "tiny", *FAST, "--out", str(out))
-    (root / "test" / "red" / "broken.png").write_bytes(b"not an image")  # among 15 good ones
-    target = train.main(["--out", str(out), "--predict", str(root / "test")])
-    rows = {Path(row["path"]).relative_to(root).as_posix(): row for row in csv.DictReader(target.open())}
-    assert len(rows) == 16 and "cannot read image" in rows["test/red/broken.png"]["error"]
-    assert rows["test/red/broken.png"]["predicted"] == ""
-    assert "15 images classified, 1 could not be read" in capsys.readouterr().out
-    # image by image, the classes the run's evaluation predicts (unmerged LoRA, the test split it stored)
-    model, trained, classes = train.load_run(argparse.Namespace(out=str(out), weights=None), torch.device("cpu"))
-    data = train.load_data("folder", root, img_size=16, splits=out / "splits.csv")
-    evaluated = train.predict(model, train.Loader(data.test, batch_size=64), torch.device("cpu"))
-    assert len(data.test.items) == 15
-    for item, predicted in zip(data.test.items, evaluated["fused"]):  # items: test/<class>/<file>
-        assert rows[item]["predicted"] == classes[predicted]
-    per_class = {c: np.mean([row["predicted"] == c for path, row in rows.items() if path.split("/")[1] == c
-                             and not row["error"]]) for c in classes}
-    assert per_class == pytest.approx(metrics["per_class_acc"])
-    # the exported file, loaded with scilt.py and timm alone as the README shows, predicts the same
-    exported = train.main(["--out", str(out), "--export", str(tmp_path / "model.safetensors")])
-    loaded, meta = scilt.load_exported(exported)
-    size = meta["img_size"]
-    preprocess = v2.Compose([v2.Resize(round(size / 0.875)), v2.CenterCrop(size), v2.PILToTensor(),
-                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(meta["mean"], meta["std"])])
-    for path, row in rows.items():
-        if not row["error"]:
-            with torch.no_grad():
-                p = loaded(preprocess(Image.open(root / path).convert("RGB"))[None]).logits.softmax(-1)[0]
-            assert meta["classes"][p.argmax()] == row["predicted"]
-            assert p.max().item() == pytest.approx(float(row["probability"]), abs=1e-4)
-    (tmp_path / "empty").mkdir()
-    assert "no image under" in fails(capsys, "--out", str(out), "--predict", str(tmp_path / "empty"))
-
-
-def test_predict_and_export_refuse_torchrun_and_need_a_run(tmp_path, capsys, monkeypatch):
-    assert "no checkpoint at" in fails(capsys, "--out", str(tmp_path), "--export", str(tmp_path / "m.safetensors"))
-    monkeypatch.setenv("RANK", "0")
-    assert "run in one process" in fails(capsys, "--out", str(tmp_path), "--predict", str(tmp_path))
-
-
-def test_scale_script_runs_train_py_functions_on_random_features():
-    result = subprocess.run([sys.executable, "tests/scale.py", "--images", "2000", "--classes", "20", "--dim", "48",
-                             "--val", "200", "--test", "200", "--probe-steps", "5"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(line["seconds"]) == {"init_heads", "classify", "start_metrics (step 0 and the probe)",
-                                    "report (with the Rademacher check)"}
-    assert 0 < line["peak_rss_gb"] < 8 and line["images"] == 2000

@@ -1,4 +1,6 @@
-"""Speed and size of SciLT, measured side by side in one run: python tests/bench.py [--device cuda]
+"""Speed and size of SciLT, measured side by side in one run:
+
+    python scripts/bench.py [--device cuda]
 
 1. Time per training step on a ViT-S/16 (random weights): `scilt` vs `final` vs full fine-tuning.
    Target: scilt <= 1.05 x final (the second head and the tap cost next to nothing).
@@ -9,6 +11,7 @@ Configurations are timed in interleaved rounds and summarised by their medians, 
 neighbour slows all of them alike. Prints a table, then one JSON line.
 """
 import argparse
+import functools
 import io
 import json
 import statistics
@@ -19,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import scilt  # noqa: E402
+import train  # noqa: E402
 
 
 def timer(device):
@@ -60,8 +65,8 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    # on a GPU, a batch that keeps it busy: at 128, a ViT-S step on an H200 waits on Python's kernel
-    # launches (~25 ms for ~3 ms of arithmetic), and the ratios measure the interpreter, not the method
+    # on a GPU, a batch that keeps it busy: at 128, a ViT-S step on an H200 waits on Python's
+    # kernel launches (~25 ms for ~3 ms of arithmetic): the ratios would measure the interpreter
     batch, rounds = args.batch_size or (512 if cuda else 8), args.rounds or (20 if cuda else 5)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -73,20 +78,22 @@ def main():
     # 1. training step
     steps = {}
     for method in ("scilt", "final"):
-        model = scilt.SciLT(scilt.create_backbone("vit_small_patch16_224"), counts, method=method).to(device)
+        backbone = train.create_backbone("vit_small_patch16_224")
+        model = scilt.SciLT(backbone, counts, method=method).to(device)
         optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-        steps[method] = (lambda m=model, o=optimizer: training_step(m, m.loss, o, images, labels, device))
+        steps[method] = functools.partial(training_step, model, model.loss, optimizer, images,
+                                          labels, device)
     full = timm.create_model("vit_small_patch16_224", num_classes=10).to(device)
     full_optimizer = torch.optim.AdamW(full.parameters(), lr=1e-4)
-    steps["full fine-tuning"] = lambda: training_step(full, torch.nn.functional.cross_entropy, full_optimizer,
-                                                      images, labels, device)
+    steps["full fine-tuning"] = functools.partial(training_step, full, F.cross_entropy,
+                                                  full_optimizer, images, labels, device)
     step_times = interleaved(steps, rounds, 2, device)
     results["train_step_s"] = step_times
     results["scilt_over_final"] = step_times["scilt"] / step_times["final"]
     results["scilt_over_full"] = step_times["scilt"] / step_times["full fine-tuning"]
 
     # 2. inference: merged SciLT vs the plain timm model (with its own linear head)
-    merged = scilt.SciLT(scilt.create_backbone("vit_small_patch16_224"), counts).to(device).eval()
+    merged = scilt.SciLT(train.create_backbone("vit_small_patch16_224"), counts).to(device).eval()
     for layer in scilt.lora_layers(merged):
         torch.nn.init.normal_(layer.lora_B, std=0.01)
     scilt.merge_lora(merged)
@@ -97,13 +104,14 @@ def main():
         with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
             model(images)
 
-    infer_times = interleaved({"merged scilt": lambda: infer(merged), "plain timm": lambda: infer(plain)},
-                              rounds * 2, 2, device)
+    jobs = {"merged scilt": functools.partial(infer, merged),
+            "plain timm": functools.partial(infer, plain)}
+    infer_times = interleaved(jobs, rounds * 2, 2, device)
     results["inference_s"] = infer_times
     results["merged_over_plain"] = infer_times["merged scilt"] / infer_times["plain timm"]
 
     # 3. trainable fraction of ViT-B/16
-    base = scilt.SciLT(scilt.create_backbone("vit_base_patch16_224"), [1] * 8)
+    base = scilt.SciLT(train.create_backbone("vit_base_patch16_224"), [1] * 8)
     trainable, total = scilt.count_parameters(base)
     results["vit_b16_trainable"] = trainable
     results["vit_b16_trainable_fraction"] = trainable / (total - trainable)
@@ -113,19 +121,29 @@ def main():
     jpegs = []
     for _ in range(8):
         buffer = io.BytesIO()
-        smooth = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)  # photo-like: smooth, not white noise
+        smooth = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)  # photo-like, not white noise
         Image.fromarray(smooth).resize((1024, 768), Image.BICUBIC).save(buffer, "JPEG", quality=90)
         jpegs.append(buffer.getvalue())
-    decode = lambda draft: [data.open_image(io.BytesIO(b), draft) for b in jpegs]
-    decode_times = interleaved({"full": lambda: decode(None), "draft": lambda: decode(256)}, 5, 1, device)
+
+    def decode(draft):
+        return [data.open_image(io.BytesIO(b), draft) for b in jpegs]
+
+    jobs = {"full": functools.partial(decode, None), "draft": functools.partial(decode, 256)}
+    decode_times = interleaved(jobs, 5, 1, device)
     results["jpeg_images_per_s"] = {k: len(jpegs) / t for k, t in decode_times.items()}
     results["draft_speedup"] = decode_times["full"] / decode_times["draft"]
     start = time.perf_counter()
     data.make_synthetic()
     results["synthetic_seconds"] = time.perf_counter() - start
+    print_results(results, step_times, infer_times, batch, rounds)
 
-    ms = lambda s: f"{1000 * s:9.1f} ms"
-    print(f"device: {results['device']}, batch {batch}, ViT-S/16 at 224 px, medians of {rounds} interleaved rounds")
+
+def print_results(results, step_times, infer_times, batch, rounds):
+    def ms(seconds):
+        return f"{1000 * seconds:9.1f} ms"
+
+    print(f"device: {results['device']}, batch {batch}, ViT-S/16 at 224 px, medians of {rounds} "
+          "interleaved rounds")
     for name, t in step_times.items():
         print(f"  train step  {name:18s}{ms(t)}")
     print(f"  scilt / final step          {results['scilt_over_final']:.3f}   (target <= 1.05)")
@@ -133,10 +151,12 @@ def main():
     for name, t in infer_times.items():
         print(f"  inference   {name:18s}{ms(t)}")
     print(f"  merged / plain inference    {results['merged_over_plain']:.3f}   (target <= 1.02)")
-    print(f"  ViT-B/16 trainable          {trainable:,} = {100 * results['vit_b16_trainable_fraction']:.3f}% "
-          f"of the backbone   (target < 1%)")
-    print(f"  JPEG 1024x768 decode        {results['jpeg_images_per_s']['full']:.0f} img/s full, "
-          f"{results['jpeg_images_per_s']['draft']:.0f} img/s draft ({results['draft_speedup']:.2f}x)")
+    fraction = 100 * results["vit_b16_trainable_fraction"]
+    print(f"  ViT-B/16 trainable          {results['vit_b16_trainable']:,} = {fraction:.3f}% of "
+          "the backbone   (target < 1%)")
+    speed = results["jpeg_images_per_s"]
+    print(f"  JPEG 1024x768 decode        {speed['full']:.0f} img/s full, {speed['draft']:.0f} "
+          f"img/s draft ({results['draft_speedup']:.2f}x)")
     print(f"  synthetic data set          {results['synthetic_seconds']:.1f} s")
     print(json.dumps(results))
 

@@ -1,0 +1,84 @@
+"""Classify new images with a trained run:
+
+    python scripts/predict.py --out runs/isic new_scans/ more.jpg     # -> runs/isic/predictions.csv
+
+Files, and folders searched recursively, preprocessed as in evaluation. One row per image: its
+path, the predicted class, that class's probability, every class's probability (the softmax of the
+fused scores s: calibrated for a balanced prior) and the error if the file could not be read.
+"""
+import argparse
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import scilt  # noqa: E402
+import train  # noqa: E402
+from data import DataError, ImageFiles, Loader, find_images, make_transform  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = train.Parser(description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of them")
+    p.add_argument("--out", required=True, help="the run's folder (train.py's --out)")
+    p.add_argument("--weights", help="the backbone's weights file, if not where the run had it")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def row(path, probabilities, error, classes):
+    if error:
+        return [path, "", "", *[""] * len(classes), error]
+    k = int(probabilities.argmax())
+    shown = [f"{p:.6f}" for p in probabilities.tolist()]
+    return [path, classes[k], shown[k], *shown, ""]
+
+
+@torch.no_grad()
+def predict_images(args):
+    """predictions.csv in --out; returns its path."""
+    if "RANK" in os.environ:
+        raise train.Abort("prediction runs in one process: start it with python, not torchrun")
+    device = torch.device(args.device)
+    model, trained, classes = train.load_run(args.out, device, args.weights)
+    paths = find_images(args.paths)
+    scilt.merge_lora(model)  # inference at the plain model's speed, the same outputs
+    transform = make_transform(trained.img_size, *train.normalisation(trained.model))
+    batches = Loader(ImageFiles(paths, transform, trained.img_size), batch_size=args.batch_size,
+                     num_workers=args.workers, pin_memory=device.type == "cuda")
+    rows, started, failed = [], time.time(), 0
+    for i, (x, errors) in enumerate(batches):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            scores = model(x.to(device, non_blocking=True)).logits
+        for probabilities, error in zip(scores.float().softmax(-1).cpu(), errors):
+            rows.append(row(paths[len(rows)], probabilities, error, classes))
+            failed += bool(error)
+        if (i + 1) % 50 == 0:
+            speed = len(rows) / (time.time() - started)
+            print(f"predicted {len(rows):,} / {len(paths):,} images, {speed:.0f} img/s")
+    target = Path(args.out) / "predictions.csv"
+    with open(f"{target}.tmp", "w", newline="") as file:
+        csv.writer(file).writerows([["path", "predicted", "probability", *classes, "error"], *rows])
+    os.replace(f"{target}.tmp", target)
+    unread = f", {failed:,} could not be read (their rows give the error)" if failed else ""
+    print(f"wrote {target}: {len(rows) - failed:,} images classified{unread}")
+    return target
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return predict_images(args)
+    except (train.Abort, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

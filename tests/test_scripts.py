@@ -1,0 +1,149 @@
+"""The scripts beside train.py: the per-block analysis, prediction, export and the scale check."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import analyze
+import export
+import predict
+import report
+import train
+from conftest import ROOT, fails
+from data import Loader, load_data
+
+FAST = ["--img-size", "16", "--epochs", "1"]
+
+
+def run(*argv):
+    out = train.main(list(argv))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys):
+    final = run(*FAST, "--method", "final", "--out", str(tmp_path / "final"))
+    analyze.main([*FAST, "--out", str(tmp_path / "analysis")])
+    printed = capsys.readouterr().out
+    analysis = json.loads((tmp_path / "analysis" / "layers.json").read_text())
+    layers = analysis["layers"]
+    assert [layer["block"] for layer in layers] == [1, 2, 3, 4, 5, 6]
+    for layer in layers:
+        assert set(layer["ncm"]) == set(layer["probe"]) == set(final["heads"]["start"])
+    # the last block's class means are the final head at step 0
+    assert layers[-1]["ncm"] == final["heads"]["start"]
+    assert "best block per column" in printed
+    assert "penultimate block's frozen features serve the few" in printed
+    chosen = analysis["recommended"]
+    assert analysis["default"]["blocks"] == [5, 6]
+    assert 1 <= chosen["blocks"][0] < chosen["blocks"][1] <= 6
+    assert chosen["val"]["balanced_acc"] >= analysis["default"]["val"]["balanced_acc"]
+    assert f"Recommended on val: --blocks {chosen['blocks'][0]} {chosen['blocks'][1]}" in printed
+    assert not (tmp_path / "analysis" / "checkpoint.pt").exists()
+    with Image.open(tmp_path / "analysis" / "layers.png") as image:
+        assert image.format == "PNG"
+
+
+def test_analysis_table_marks_the_best_block_per_column(capsys):
+    keys = ("overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle",
+            "tail")
+
+    def metrics(balanced, few):
+        return {**dict.fromkeys(keys, 0.5), "balanced_acc": balanced, "few": few}
+
+    layers = [{"block": 1, "ncm": metrics(0.3, 0.1), "probe": metrics(0.4, 0.2)},
+              {"block": 2, "ncm": metrics(0.6, 0.5), "probe": metrics(0.7, 0.6)},
+              {"block": 3, "ncm": metrics(0.7, 0.4), "probe": metrics(0.65, 0.3)}]
+    pick = {"blocks": [2, 3], "val": {"balanced_acc": 0.5, "few": 0.4}}
+    analyze.print_layers({"layers": layers, "tail": "few", "recommended": pick, "default": pick})
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line[:1].isdigit()}
+    # columns: ncm balanced many medium few, probe balanced many medium few
+    assert rows["3"][0] == "70.0*" and rows["2"][0] == "60.0" and rows["2"][3] == "50.0*"
+    assert rows["2"][4] == "70.0*" and rows["2"][7] == "60.0*" and rows["3"][7] == "30.0"
+    assert rows["1"][1] == "50.0*"  # ties are all marked
+
+
+def write_image_folder(root, seed=0):
+    """Three colour classes, weakly separated by noise: 12 / 9 / 6 training, 5 test images each."""
+    rng = np.random.default_rng(seed)
+    for split, sizes in (("train", (12, 9, 6)), ("test", (5, 5, 5))):
+        for k, (name, n) in enumerate(zip(("red", "green", "blue"), sizes)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 200, (20, 20, 3))
+                pixels[..., k] += 40
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+
+
+def test_predict_and_export_give_the_evaluations_predictions(tmp_path, capsys):
+    from torchvision.transforms import v2
+
+    root, out = tmp_path / "images", tmp_path / "run"
+    write_image_folder(root)
+    metrics = run("--data", "folder", "--data-root", str(root), "--model", "tiny", *FAST,
+                  "--out", str(out))
+    (root / "test" / "red" / "broken.png").write_bytes(b"not an image")  # among 15 good ones
+    target = predict.main(["--out", str(out), str(root / "test")])
+    rows = {Path(row["path"]).relative_to(root).as_posix(): row
+            for row in csv.DictReader(target.open())}
+    assert len(rows) == 16 and "cannot read image" in rows["test/red/broken.png"]["error"]
+    assert rows["test/red/broken.png"]["predicted"] == ""
+    assert "15 images classified, 1 could not be read" in capsys.readouterr().out
+    # image by image, the classes the run's evaluation predicts (unmerged LoRA, its test split)
+    model, trained, classes = train.load_run(out, torch.device("cpu"))
+    data = load_data("folder", root, img_size=16, splits=out / "splits.csv")
+    evaluated = report.evaluate(model, Loader(data.test, batch_size=64), torch.device("cpu"))
+    assert len(data.test.items) == 15
+    for item, k in zip(data.test.items, evaluated.predicted["fused"]):  # test/<class>/<file>
+        assert rows[item]["predicted"] == classes[k]
+    per_class = {}
+    for c in classes:
+        said = [row["predicted"] == c for path, row in rows.items()
+                if path.split("/")[1] == c and not row["error"]]
+        per_class[c] = np.mean(said)
+    assert per_class == pytest.approx(metrics["per_class_acc"])
+    # the exported file, loaded with scilt.py, timm and load_exported() as the README shows,
+    # predicts the same
+    exported = export.main(["--out", str(out), str(tmp_path / "model.safetensors")])
+    loaded, meta = export.load_exported(exported)
+    size = meta["img_size"]
+    preprocess = v2.Compose([v2.Resize(round(size / 0.875)), v2.CenterCrop(size), v2.PILToTensor(),
+                             v2.ToDtype(torch.float32, scale=True),
+                             v2.Normalize(meta["mean"], meta["std"])])
+    for path, row in rows.items():
+        if not row["error"]:
+            with torch.no_grad():
+                image = preprocess(Image.open(root / path).convert("RGB"))[None]
+                p = loaded(image).logits.softmax(-1)[0]
+            assert meta["classes"][p.argmax()] == row["predicted"]
+            assert p.max().item() == pytest.approx(float(row["probability"]), abs=1e-4)
+    (tmp_path / "empty").mkdir()
+    assert "no image under" in fails(capsys, predict.main, "--out", str(out), str(tmp_path / "empty"))
+
+
+def test_predict_and_export_refuse_torchrun_and_need_a_run(tmp_path, capsys, monkeypatch):
+    assert "no checkpoint at" in fails(capsys, export.main, "--out", str(tmp_path),
+                                       str(tmp_path / "m.safetensors"))
+    assert "no checkpoint at" in fails(capsys, predict.main, "--out", str(tmp_path), str(ROOT))
+    monkeypatch.setenv("RANK", "0")
+    assert "runs in one process" in fails(capsys, predict.main, "--out", str(tmp_path),
+                                          str(tmp_path))
+    assert "runs in one process" in fails(capsys, export.main, "--out", str(tmp_path),
+                                          str(tmp_path / "m.safetensors"))
+
+
+def test_scale_script_runs_train_py_functions_on_random_features():
+    command = [sys.executable, "scripts/scale.py", "--images", "2000", "--classes", "20",
+               "--dim", "48", "--val", "200", "--test", "200", "--probe-steps", "5"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(line["seconds"]) == {"init_heads", "classify", "start_metrics (step 0 and the probe)",
+                                    "report (with the Rademacher check)"}
+    assert 0 < line["peak_rss_gb"] < 8 and line["images"] == 2000
