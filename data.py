@@ -17,6 +17,7 @@ import csv
 import functools
 import os
 import pickle
+import unicodedata
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -61,7 +62,9 @@ LISTS = {  # set -> (folder in LISTS_URL, split -> (file, lines)); iNaturalist 2
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # UNK (no images) dropped
 BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
                  "neutrophil", "platelet"]  # PBC folder names; BloodMNIST's label order
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}  # as
+# torchvision's ImageFolder; never AppleDouble files (._name.jpg, left by copying from a Mac), and
+# never anything in a hidden or __MACOSX folder (.ipynb_checkpoints, ...)
 NPZ_KEYS = ["train_images", "train_labels", "val_images", "val_labels", "test_images",
             "test_labels"]
 TEST_PER_CLASS, VAL_PER_CLASS, MAX_PER_CLASS = 100, 50, 5000
@@ -96,16 +99,42 @@ class Data(NamedTuple):
 # Images and transforms.
 
 def open_image(path, draft_size=None):
-    """Decode to RGB. JPEGs decode directly at 1/2, 1/4 or 1/8 scale when that still covers
-    draft_size (PIL's draft mode): a 1024 x 768 ISIC image for a 224 model decodes at 512 x 384."""
+    """Decode to 8-bit RGB. JPEGs decode directly at 1/2, 1/4 or 1/8 scale when that still covers
+    draft_size (PIL's draft mode): a 1024 x 768 ISIC image for a 224 model decodes at 512 x 384.
+    Images of more than 16-bit greyscale pass through to_8_bits()."""
     try:
         with Image.open(path) as image:
             if draft_size:
                 image.draft("RGB", (draft_size, draft_size))
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+                image = to_8_bits(image)
             return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
+    except Image.DecompressionBombError:
+        raise DataError(f"image {path} is larger than Pillow's limit of "
+                        f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels: expected a smaller image (crop or "
+                        "downscale it)") from None
+    except (OSError, SyntaxError, ValueError, TypeError) as error:
         raise DataError(f"cannot read image {path} ({error}): expected a readable image "
                         "file") from None
+
+
+def to_8_bits(image):
+    """An image of 16-bit integers, as X-rays and microscopy often are, scaled to 8 bits by its bit
+    depth: the smallest of 8, 10, 12, 14 and 16 bits that holds its largest value (a 12-bit scan
+    stored in a 16-bit PNG is scaled by 4095, not clipped at 255)."""
+    pixels = np.asarray(image, dtype=np.float64).clip(0, 65535)
+    depth = next(bits for bits in (8, 10, 12, 14, 16) if pixels.max() < 2 ** bits)
+    return Image.fromarray((pixels * 255 / (2 ** depth - 1)).round().astype(np.uint8))
+
+
+def is_image(path):
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def visible_folders(folder):
+    """The sub-folders of `folder` a user made: not hidden, not macOS's __MACOSX."""
+    return sorted(d for d in folder.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
 
 
 def default_augment(img_size):
@@ -176,6 +205,12 @@ class Loader(DataLoader):
             yield batch
 
 
+def hidden(path, top):
+    """Whether `path` lies in a hidden or __MACOSX folder below `top`."""
+    folders = path.relative_to(top).parts[:-1]
+    return any(part.startswith(".") or part == "__MACOSX" for part in folders)
+
+
 def find_images(paths):
     """The files named in `paths` and every image file (by suffix) under the folders among them,
     sorted."""
@@ -184,7 +219,7 @@ def find_images(paths):
         if not path.exists():
             raise DataError(f"{path} does not exist: expected image files or folders of them")
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if is_image(p) and not hidden(p, path))
         else:
             found.append(path)
     if not found:
@@ -309,6 +344,16 @@ def check_files(folder, names, what):
                         f"{missing[0]}")
 
 
+def refuse_repeats(names, path, first_line=2):
+    """One line naming an image a label file lists twice: it could land in train and in test."""
+    seen = {}
+    for line, name in enumerate(names, start=first_line):
+        if name in seen:
+            raise DataError(f"{path} lists {name} twice (lines {seen[name]} and {line}): expected "
+                            "each image once")
+        seen[name] = line
+
+
 def protocol_splits(items, labels, classes, imbalance_ratio, seed, where):
     """The ISIC-2019-LT protocol on a pool of (items, labels): split -> (items, labels)."""
     split = long_tail_split(labels, classes, imbalance_ratio=imbalance_ratio, seed=seed,
@@ -316,9 +361,10 @@ def protocol_splits(items, labels, classes, imbalance_ratio, seed, where):
     return {name: pick(items, labels, indices) for name, indices in split.items()}
 
 
-def isic(root, seed, imbalance_ratio):
+def isic(root, seed, imbalance_ratio, img_size):
     path = root / "ISIC_2019_Training_GroundTruth.csv"
     rows = read_csv(path, ["image"] + ISIC_CLASSES + ["UNK"])
+    refuse_repeats([row["image"] for row in rows], path)
     items, labels = [], []
     for line, row in enumerate(rows, start=2):
         label = one_hot_label(row, ISIC_CLASSES + ["UNK"], path, line)
@@ -334,8 +380,21 @@ def isic(root, seed, imbalance_ratio):
 NIH_SPLITS = {"train": "train", "val": "balanced-val", "test": "balanced-test"}
 
 
-def nih(root, seed, imbalance_ratio):
-    splits, classes = {}, None
+def nih_images(root):
+    """image name -> path under root: images/ as NIH's archives unpack, or images_001/images/ ..
+    images_012/images/ as Kaggle's copy of ChestX-ray14 lays them out."""
+    folders = sorted(root.glob("images_*/images"))
+    if (root / "images").is_dir():
+        folders = [root / "images"]
+    if not folders:
+        raise DataError(f"missing image folder {root / 'images'}: expected the ChestX-ray14 images "
+                        "there (or in images_001/images/ ... as Kaggle's copy has them)")
+    return {name: f"{folder.relative_to(root).as_posix()}/{name}"
+            for folder in folders for name in os.listdir(folder)}
+
+
+def nih(root, seed, imbalance_ratio, img_size):
+    splits, classes, found, listed = {}, None, nih_images(root), {}
     for split, name in NIH_SPLITS.items():
         names = [f"nih-cxr-lt_single-label_{name}.csv",  # as published
                  f"nih-lt_single-label_{name}.csv"]       # an older name
@@ -351,41 +410,73 @@ def nih(root, seed, imbalance_ratio):
                 classes = [c for c in next(csv.reader(f)) if c not in ("id", "subject_id")]
         labels = [one_hot_label(row, classes, path, line) for line, row in enumerate(rows, start=2)]
         ids = [row["id"] for row in rows]
-        check_files(root / "images", ids, f"NIH-CXR-LT {split}")
-        splits[split] = ([f"images/{item}" for item in ids], labels)
+        refuse_repeats(ids, path)
+        for image in ids:
+            if image in listed:
+                raise DataError(f"{image} is listed in {listed[image]} and in {path}: expected "
+                                "each image in one split")
+            listed[image] = path.name
+        missing = [image for image in ids if image not in found]
+        if missing:
+            raise DataError(f"{len(missing)} image(s) listed in {path.name} are not under {root}, "
+                            f"e.g. {missing[0]}: expected them in images/")
+        splits[split] = ([found[image] for image in ids], labels)
     return Source(classes, root, splits, vertical_flip=False)  # an X-ray's up and down mean much
+
+
+def unwrap(folder):
+    """A folder that only wraps another (an archive unpacked as PBC_dataset_normal_DIB/
+    PBC_dataset_normal_DIB/<classes>): the inner one."""
+    while folder.is_dir() and not any(is_image(p) for p in folder.iterdir()):
+        inside = visible_folders(folder)
+        if len(inside) != 1:
+            break
+        folder = inside[0]
+    return folder
+
+
+def nfc(name):
+    """A folder name as a class name: macOS writes accents decomposed (NFD), Linux as typed."""
+    return unicodedata.normalize("NFC", name)
 
 
 def scan_class_folders(folder, classes=None):
     """folder/<class>/<image>: returns (classes, items relative to folder's parent, labels)."""
     if not folder.is_dir():
         raise DataError(f"missing folder {folder}: expected one sub-folder of images per class")
-    names = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    if not names:
+    folders = visible_folders(folder)
+    if not folders:
         raise DataError(f"no class sub-folders in {folder}: expected {folder}/<class>/<image>")
+    names = [nfc(d.name) for d in folders]
     unknown = sorted(set(names) - set(classes or names))
     if unknown:
         raise DataError(f"{folder} has class folder(s) {', '.join(unknown)} that are not among "
                         f"the training classes {', '.join(classes)}")
     classes = classes or names
     items, labels = [], []
-    for name in names:
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    for name, class_folder in zip(names, folders):
+        files = sorted(p for p in class_folder.iterdir() if is_image(p))
         if not files:
-            raise DataError(f"class folder {folder / name} holds no images "
+            raise DataError(f"class folder {class_folder} holds no images "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-        items += [f"{folder.name}/{name}/{p.name}" for p in files]
+        items += [f"{folder.name}/{class_folder.name}/{p.name}" for p in files]
         labels += [classes.index(name)] * len(files)
     return classes, items, labels
 
 
 def load_npz(path, keys):
+    """The arrays `keys` of a MedMNIST file: 2D images, (N, H, W) or (N, H, W, C)."""
     try:
         arrays = np.load(path)
-        return [arrays[key] for key in keys], arrays
+        found = [arrays[key] for key in keys]
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"cannot read {path} ({error}): expected a MedMNIST .npz with the arrays "
                         f"{', '.join(keys)}") from None
+    images = found[0]
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise DataError(f"{path} holds images of shape {images.shape[1:]}: expected 2D images, "
+                        "(H, W) or (H, W, 3); 3D MedMNIST volumes are not supported")
+    return found, arrays
 
 
 def npz_labels(labels, path):
@@ -395,24 +486,41 @@ def npz_labels(labels, path):
     return labels.reshape(-1).astype(int)
 
 
-def blood(root, seed, imbalance_ratio):
-    files = [root] if root.suffix == ".npz" else sorted(root.glob("bloodmnist*.npz"))
-    if files:  # BloodMNIST: pool its own splits, then apply the long-tailed protocol
-        arrays, _ = load_npz(files[0], NPZ_KEYS)
+def npz_size(path):
+    """MedMNIST's images are 28 px in name.npz, S px in name_S.npz."""
+    size = path.stem.rpartition("_")[2]
+    return int(size) if size.isdigit() else 28
+
+
+def blood_file(root, img_size):
+    """The bloodmnist*.npz in root to use: the only one, or the one at --img-size."""
+    files = sorted(root.glob("bloodmnist*.npz"))
+    matching = [f for f in files if npz_size(f) == img_size]
+    if len(files) > 1 and len(matching) != 1:
+        raise DataError(f"{root} holds {', '.join(f.name for f in files)}: expected one at "
+                        f"--img-size {img_size} px (bloodmnist_{img_size}.npz), or name the file "
+                        "with --data-root")
+    return matching[0] if len(files) > 1 else files[0] if files else None
+
+
+def blood(root, seed, imbalance_ratio, img_size):
+    file = root if root.suffix == ".npz" else blood_file(root, img_size)
+    if file:  # BloodMNIST: pool its own splits, then apply the long-tailed protocol
+        arrays, _ = load_npz(file, NPZ_KEYS)
         images = np.concatenate(arrays[0::2])
-        labels = np.concatenate([npz_labels(a, files[0]) for a in arrays[1::2]])
+        labels = np.concatenate([npz_labels(a, file) for a in arrays[1::2]])
         classes, items = BLOOD_CLASSES, [str(i) for i in range(len(images))]
     else:  # PBC: one folder per cell type
-        classes, items, labels = scan_class_folders(root)
+        images = unwrap(root)
+        classes, items, labels = scan_class_folders(images)
         items = [item.split("/", 1)[1] for item in items]
-        images = root
     if np.max(labels) >= len(classes):
         raise DataError(f"label {np.max(labels)} in {root} is outside the {len(classes)} classes")
     splits = protocol_splits(items, labels, classes, imbalance_ratio, seed, root)
     return Source(classes, images, splits, vertical_flip=True)
 
 
-def medmnist(root, seed, imbalance_ratio):
+def medmnist(root, seed, imbalance_ratio, img_size):
     if not root.is_file():
         raise DataError(f"{root} is not a .npz file: expected a MedMNIST file such as "
                         "dermamnist.npz")
@@ -433,7 +541,9 @@ def medmnist(root, seed, imbalance_ratio):
     return Source(classes, np.concatenate(arrays[0::2]), splits, vertical_flip=False)
 
 
-def image_folders(root, seed, imbalance_ratio):
+def image_folders(root, seed, imbalance_ratio, img_size):
+    if not (root / "train").is_dir():  # a folder that wraps the data set's
+        root = unwrap(root)
     classes, items, labels = scan_class_folders(root / "train")
     splits = {"train": (items, labels)}
     _, *splits["test"] = scan_class_folders(root / "test", classes)
@@ -459,7 +569,7 @@ def lift_counts(imbalance_ratio, num_classes=100, n_max=500):
             for k in range(num_classes)]
 
 
-def cifar100_lt(root, seed, imbalance_ratio):
+def cifar100_lt(root, seed, imbalance_ratio, img_size):
     """CIFAR-100-LT by LIFT's protocol: class k keeps the first lift_counts(r)[k] of its training
     images after one shuffle per class, classes in order, from one generator seeded 0
     (np.random.seed(0) in LIFT), so that every run sees the subset the papers used; the balanced
@@ -516,7 +626,7 @@ def read_list(path):
     return items, labels
 
 
-def split_lists(root, seed, imbalance_ratio, name):
+def split_lists(root, seed, imbalance_ratio, img_size, name):
     """ImageNet-LT, Places-LT, iNaturalist 2018: the published lists. A class is named by the
     folder of its first training image."""
     folder, files = LISTS[name]
@@ -545,7 +655,7 @@ def split_lists(root, seed, imbalance_ratio, name):
     return Source(classes, root, splits, vertical_flip=False)
 
 
-def synthetic(root, seed, imbalance_ratio):
+def synthetic(root, seed, imbalance_ratio, img_size):
     return Source(*make_synthetic(seed, imbalance_ratio), vertical_flip=True)
 
 
@@ -654,7 +764,8 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
             ensure_downloaded(name, root, download)
         if not root.exists():
             raise DataError(f"--data-root {root} does not exist: expected {WHERE[name]}")
-    source = SOURCES[name](root, seed, 100 if imbalance_ratio is None else imbalance_ratio)
+    ratio = 100 if imbalance_ratio is None else imbalance_ratio
+    source = SOURCES[name](root, seed, ratio, img_size)
     splits = read_splits(splits, source.classes) if splits else source.splits
     counts = np.bincount(splits["train"][1], minlength=len(source.classes)).tolist()
     if 0 in counts:

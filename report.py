@@ -147,6 +147,37 @@ def start_metrics(train, val, test, counts, groups, classes, tau=1.0, device="cp
             "probe": head_metrics(probe.predict(test.final), test.labels, groups, classes)}
 
 
+def step_zero(model, loaders, data, device, tau, log):
+    """The heads start as nearest-class-mean classifiers on the un-augmented pretrained features;
+    the model at step 0 and a linear probe on the frozen features are the report's first rows."""
+    train = evaluate(model, loaders["train"], device)
+    features = [train.levels[:, l].to(device) for l in range(len(model.blocks))]
+    model.init_heads(features, train.labels.to(device))
+    val = evaluate(model, loaders["val"], device)
+    test = evaluate(model, loaders["test"], device)
+    # every process has every image's features and fits the same probe: none waits on another
+    before = start_metrics(train, val, test, data.class_counts, data.group_counts, data.classes,
+                           tau, device)
+    log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale "
+        f"fitted to {model.scale:.3g}), linear probe on frozen features "
+        f"{100 * before['probe']['balanced_acc']:.1f}% balanced accuracy")
+    return before
+
+
+def finish(model, loaders, data, before, facts, device, out, log):
+    """The report of the trained model (the epoch the run kept): every set evaluated, the table
+    printed, metrics.json and report.png written by the first process."""
+    test, val, train = (evaluate(model, loaders[name], device) for name in ("test", "val", "train"))
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    metrics = report(model, test, val, train, data, before)
+    metrics.update(facts)
+    print_report(metrics)
+    write(metrics, out)
+    log(f"wrote {out / 'metrics.json'}, {out / 'report.png'}, {out / 'checkpoint.pt'}, "
+        f"{out / 'splits.csv'}")
+
+
 # --------------------------------------------------------------------------------------------------
 # metrics.json, the printed tables and report.png.
 
@@ -155,11 +186,11 @@ def fusion_val_correlation(a, val, counts):
     accuracy minus the final head's: does a class lean on the level that serves it better?"""
     pen = head_metrics(val.predicted["penultimate"], val.labels, counts)["per_class_acc"]
     fin = head_metrics(val.predicted["final"], val.labels, counts)["per_class_acc"]
-    gain = [p - f if p is not None and f is not None else 0.0
-            for p, f in zip(pen.values(), fin.values())]
-    if a.std() == 0 or np.std(gain) == 0:
+    held = [k for k, p in enumerate(pen.values()) if p is not None]  # classes val has
+    gain = [list(pen.values())[k] - list(fin.values())[k] for k in held]
+    if len(held) < 2 or a[held].std() == 0 or np.std(gain) == 0:
         return None
-    return float(np.corrcoef(a.numpy(), gain)[0, 1])
+    return float(np.corrcoef(a[held].numpy(), gain)[0, 1])
 
 
 def report(model, test, val, train, data, before):
@@ -182,7 +213,12 @@ def report(model, test, val, train, data, before):
     train_balanced = head_metrics(train.predicted["fused"], train.labels,
                                   data.class_counts)["balanced_acc"]
     levels = {name: train.levels[:, l] for l, name in enumerate(names)}
-    check = scilt.rademacher_check(levels, weights, model.scale)
+    fused = None  # where features are fused, the fused class is on the fused features
+    if model.fused_head is not None:
+        with torch.no_grad():
+            device = model.gate.device
+            fused = model.fused_features(*(h.to(device) for h in levels.values())).cpu()
+    check = scilt.rademacher_check(levels, weights, model.scale, fused)
     rows = dict(before)  # start and probe, then every level the method could have, then fused
     for name in [*names, "penultimate", "final"]:
         rows.setdefault(name, heads.get(name))

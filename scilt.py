@@ -10,7 +10,6 @@ Blocks are indexed as Python and timm index them: 0-based, negatives from the en
 blocks N-1 and N are -2 and -1). Needs torch, and timm to build a backbone: copy it anywhere.
 """
 import math
-import os
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 METHODS = ("scilt", "final", "penultimate")
-FUSIONS = ("class", "fixed")  # a learned per-class gate, or a = 1/2 (1 / levels)
+FUSIONS = ("class", "fixed", "feature")  # of scores by a per-class gate or a = 1/2; of features
 COSINE_SCALE = 25.0           # s = scale * cos(W_k, h) as a head is built; init_heads then fits it
 
 
@@ -158,7 +157,9 @@ class SciLT(nn.Module):
     (classifier2) on h_fin gives s_2, and s = a * s_1 + (1 - a) * s_2 per class. `blocks` takes
     any set of levels: s = sum_l w_l s_l, a class's level weights w a softmax over the levels.
     method: "scilt", "final" (the final level alone: the standard PEFT long-tail baseline) or
-    "penultimate". fusion: "class" (a learned per-class gate) or "fixed" (w = 1 / levels)."""
+    "penultimate". fusion: "class" (a learned per-class gate), "fixed" (w = 1 / levels) or
+    "feature" (the literal reading: a per-channel gate fuses the unit features, f = sum_l w_l *
+    h_l / |h_l|, and a third cosine classifier on f gives s; the level heads still give s_l)."""
 
     def __init__(self, backbone, class_counts, *, method="scilt", fusion="class", blocks=(-2, -1),
                  rank=8, alpha=None, targets=("qkv", "proj"), tau=1.0, aux_weight=0.5):
@@ -183,10 +184,14 @@ class SciLT(nn.Module):
         for block in backbone.blocks[self.blocks[-1] + 1:]:  # never reach the output: cannot learn
             block.requires_grad_(False)
         self.heads = nn.ModuleList(CosineClassifier(dim, num_classes) for _ in self.blocks)
-        # the gate's logits g (K, L): w = softmax(g) over the levels, 1 / L at start (a = 1/2)
-        self.gate = None
-        if self.fusion == "class":
-            self.gate = nn.Parameter(torch.zeros(num_classes, len(self.blocks)))
+        # the gate's logits g: w = softmax(g) over the levels, 1 / L at start (a = 1/2): per class
+        # (K, L) for the scores, per channel (D, L) for the features
+        self.gate, self.fused_head = None, None
+        if self.fusion in ("class", "feature"):
+            rows = num_classes if self.fusion == "class" else dim
+            self.gate = nn.Parameter(torch.zeros(rows, len(self.blocks)))
+        if self.fusion == "feature":
+            self.fused_head = CosineClassifier(dim, num_classes)
         self.register_buffer("log_prior", torch.log(counts / counts.sum()))
 
     def level_names(self):
@@ -199,8 +204,11 @@ class SciLT(nn.Module):
         return tap(self.backbone, x, self.blocks)
 
     def level_weights(self):
-        """(K, L): per class, how much the prediction leans on each level (rows sum to 1). With the
-        paper's two levels, column 0 is a, the weight on the penultimate level."""
+        """(K, L): per class, how much the prediction leans on each level (rows sum to 1; the
+        channels' mean for every class with feature fusion). With the paper's two levels, column 0
+        is a, the weight on the penultimate level."""
+        if self.fusion == "feature":
+            return torch.softmax(self.gate, dim=1).mean(0).expand(len(self.log_prior), -1)
         if self.gate is not None:
             return torch.softmax(self.gate, dim=1)
         levels = len(self.blocks)
@@ -215,6 +223,8 @@ class SciLT(nn.Module):
         levels = [head(h_l) for head, h_l in zip(self.heads, h)]
         if len(levels) == 1:  # an ablation: its one head is the prediction
             return SciLTOutput(levels[0], levels)
+        if self.fusion == "feature":  # inside F_{N-1} + F_N too: <w, sum_l a_l u_l> is linear
+            return SciLTOutput(self.fused_head(self.fused_features(*h)), levels)
         # with two levels s = a * s_1 + (1 - a) * s_2: a linear classifier on the fused
         # representation [h_pen, h_fin], inside F_{N-1} + F_N
         weights = self.level_weights().to(levels[0].dtype)
@@ -223,6 +233,11 @@ class SciLT(nn.Module):
 
     def forward(self, x):
         return self.classify(*self.features(x))
+
+    def fused_features(self, *h):
+        """f = sum_l w_l * h_l / |h_l|, (B, D), w the per-channel gate's softmax over the levels."""
+        weights = torch.softmax(self.gate, dim=1).to(h[0].dtype)  # (D, L)
+        return sum(weights[:, l] * F.normalize(h_l, dim=-1) for l, h_l in enumerate(h))
 
     def loss(self, output, target):
         """Dual supervision: L = LA(s) + lambda * (LA(s_1) + LA(s_2)) (+ a term per further level),
@@ -239,9 +254,13 @@ class SciLT(nn.Module):
         """The heads begin as nearest-class-mean classifiers on the (un-augmented) training
         features h, one (N, D) per level, with the shared cosine scale that minimises this step-0
         model's training loss: a temperature that changes no prediction."""
-        for head, h_l in zip(self.heads, h):
+        heads = [*self.heads, *([self.fused_head] if self.fused_head else [])]
+        if self.fused_head:
+            h = [*h, self.fused_features(*h)]  # its class means are those of the fused features
+        for head, h_l in zip(heads, h):
             head.set_class_means(h_l, labels)
             head.scale.fill_(1.0)
+        h = h[:len(self.heads)]
         if len(labels) > max_images:  # one number needs no more: a seeded subset
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
             keep = keep[:max_images]
@@ -254,7 +273,7 @@ class SciLT(nn.Module):
             for i, s in enumerate(scales):  # every score is linear in the scale
                 scaled = SciLTOutput(s * out.logits, [s * z for z in out.levels])
                 losses[i] += len(y) * self.loss(scaled, y)
-        for head in self.heads:
+        for head in heads:
             head.scale.fill_(scales[losses.argmin()])
 
 
@@ -262,11 +281,6 @@ def logit_adjusted_loss(logits, target, log_prior, tau=1.0):
     """LA(z, y) = CE(z + tau * log(prior), y) (Menon et al. 2021), prior = the training class
     frequencies: adding the log prior in training makes the plain argmax of z balanced at test."""
     return F.cross_entropy(logits.float() + tau * log_prior, target)
-
-
-def count_parameters(model):
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -327,10 +341,10 @@ def rademacher_draws(features, bound, draws=1000, seed=0):
     return torch.cat(sups)
 
 
-class Estimate(NamedTuple):  # one class's complexity: the Monte-Carlo mean, its standard error,
-    estimate: float         # the closed bound (Jensen) and estimate / bound
+class Estimate(NamedTuple):  # one class's complexity
+    estimate: float         # the Monte-Carlo mean of the draws, and its standard error
     stderr: float
-    bound: float
+    bound: float            # the closed bound (Jensen), and estimate / bound
     fraction: float
 
 
@@ -341,12 +355,13 @@ class RademacherCheck(NamedTuple):
     level_weights: list  # (L,) the mean class's level weights, which make the fused class
 
 
-def rademacher_check(levels, level_weights, scale, draws=1000, seed=0):
+def rademacher_check(levels, level_weights, scale, fused=None, draws=1000, seed=0):
     """The complexity of what the heads compute, F_l = {h -> <w, h/|h|> : |w| <= scale}, on the
     TRAINING sample (what a generalisation bound is about), `levels`: name -> features (n, D). The
     sum class F_{N-1} + F_N (R(F + G) <= R(F) + R(G), Bartlett & Mendelson 2002; equal here) is one
     average over the same, paired sigmas, with its own standard error; `fused` is sum_l w_l F_l for
-    the mean class's level weights w (from `level_weights`, (K, L)). The closed bound, scale /
+    the mean class's level weights w (from `level_weights`, (K, L)), or the class on the `fused`
+    features (n, D) where features are fused rather than scores. The closed bound, scale /
     sqrt(n) a level for unit features, is fixed by n and the scale: no test. Its `fraction`, from
     0.80 = sqrt(2/pi) for identical features to 1 for orthogonal ones, says how diverse they are."""
     def unit(h):  # a float64 copy, normalised in place: one (n, D) copy at a time
@@ -360,6 +375,8 @@ def rademacher_check(levels, level_weights, scale, draws=1000, seed=0):
     draws_and_bounds = {name: (s, bound) for name, s in sups.items()}
     draws_and_bounds["sum"] = (sum(sups.values()), len(sups) * bound)
     draws_and_bounds["fused"] = (sum(w * s for w, s in zip(mean_weights, sups.values())), bound)
+    if fused is not None:
+        draws_and_bounds["fused"] = (rademacher_draws(unit(fused), scale, draws, seed), bound)
     classes = {}
     for name, (s, limit) in draws_and_bounds.items():
         mean, stderr = s.mean().item(), s.std().item() / math.sqrt(draws)
@@ -369,31 +386,13 @@ def rademacher_check(levels, level_weights, scale, draws=1000, seed=0):
 
 # -------------------------------------------------------------------------------------------------
 
-def create_backbone(name, pretrained=False, weights=None, **timm_kwargs):
-    """A headless timm ViT (num_classes=0). `weights`: a local file (safetensors or a state dict),
-    loaded as timm loads the hub's (head dropped, position embeddings resized to `img_size`)."""
+def create_backbone(name, **timm_kwargs):
+    """A timm ViT without its classifier (num_classes=0), as SciLT takes it; timm_kwargs such as
+    pretrained=True, img_size=... or pretrained_cfg_overlay=dict(file=...) go to timm."""
     import timm
 
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: expected a timm ViT name such as "
-                         "vit_base_patch16_224.augreg_in21k (see timm.list_models('vit_*'))")
-    if weights is not None and not os.path.isfile(weights):
-        raise ValueError(f"weights file {weights} not found: expected a .safetensors or .pth file")
-    if weights is not None:
-        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
-    try:
-        model = timm.create_model(name, pretrained=pretrained or weights is not None,
-                                  num_classes=0, **timm_kwargs)
-    except (OSError, RuntimeError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        if weights is not None:
-            raise ValueError(f"could not load weights file {weights} into {name}: "
-                             f"{reason}") from None
-        if pretrained:
-            raise ValueError(f"could not fetch pretrained weights for {name} ({reason}): without "
-                             "internet, load them from a local file instead") from None
-        raise
-    if not all(hasattr(model, a) for a in ("blocks", "forward_intermediates", "forward_head")):
-        raise ValueError(f"model {name!r} is not a ViT: SciLT needs blocks, forward_intermediates "
-                         "and forward_head")
+    model = timm.create_model(name, num_classes=0, **timm_kwargs)
+    needs = ("blocks", "forward_intermediates", "forward_head", "num_prefix_tokens")
+    if not all(hasattr(model, attribute) for attribute in needs):
+        raise ValueError(f"model {name!r} is not a ViT: SciLT needs {', '.join(needs)}")
     return model

@@ -12,12 +12,14 @@ gate, optimizer and arguments: not the frozen backbone) and splits.csv (the exac
 images). A finished run is used by scripts/predict.py and scripts/export.py.
 """
 import argparse
+import hashlib
 import math
 import os
 import pickle
 import sys
 import time
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 
 import timm
@@ -55,9 +57,10 @@ AUX_WEIGHT = 0.5         # lambda of the dual supervision: L = LA(s) + lambda (L
 MIN_VAL_PER_CLASS = 10   # a run keeps its val-best epoch where val has this many images of every
                          # class, else its last (lr 0 there): a few images a class pick noise
 # what a checkpoint must agree with on --resume (all) and --eval-only (what makes the model)
-MODEL_FLAGS = ("data", "model", "weights", "method", "fusion", "blocks", "lora_rank", "img_size",
-               "imbalance_ratio")
+# (besides the backbone's weights, compared by content, and the levels, however spelled)
+MODEL_FLAGS = ("data", "model", "method", "fusion", "lora_rank", "img_size", "imbalance_ratio")
 SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
+TIMEOUT = timedelta(minutes=30)  # under torchrun, how long a process waits for the others
 
 
 class Abort(Exception):
@@ -134,21 +137,62 @@ def parse_args(argv=None, job=None):
 
 def normalisation(model):
     """The mean and std the backbone was pretrained with (timm's config), for every image."""
-    config = timm.models.get_pretrained_cfg(TINY["name"] if model == "tiny" else model)
+    try:
+        config = timm.models.get_pretrained_cfg(TINY["name"] if model == "tiny" else model)
+    except RuntimeError as error:  # a tag timm does not have: vit_base_patch16_224.nosuchtag
+        architecture = model.split(".")[0]
+        raise Abort(f"--model {model}: {error} Expected one of "
+                    f"timm.list_pretrained('{architecture}*')") from None
     return tuple(getattr(config, "mean", (0.5,) * 3)), tuple(getattr(config, "std", (0.5,) * 3))
 
 
+def weights_digest(args):
+    """The SHA-256 of the backbone's weights file (None for weights from timm's hub): a run is
+    resumed, re-evaluated or used only on the very weights it was trained on, wherever they lie."""
+    path = args.weights or (TINY_WEIGHTS if args.model == "tiny" else None)
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def levels(args, depth):
+    """The blocks (1..N) a run's model reads, however --blocks spelled them."""
+    asked = {"scilt": getattr(args, "blocks", None) or [-2, -1], "final": [-1],
+             "penultimate": [-2]}[args.method]
+    return sorted({b if b > 0 else depth + 1 + b for b in asked})
+
+
 def load_backbone(args):
-    """The backbone the flags name, through scilt.create_backbone; one line (Abort) if it cannot
-    be had."""
-    kwargs = dict(name=args.model, img_size=args.img_size, pretrained=True, weights=args.weights)
-    if args.model == "tiny":  # its pretrained weights ship with this repository
-        kwargs = dict(TINY, img_size=args.img_size, weights=args.weights or TINY_WEIGHTS)
+    """The backbone the flags name, pretrained: from timm's hub, or from --weights (a .safetensors
+    or .pth state dict, loaded as timm loads the hub's: head dropped, position embeddings resized
+    to --img-size). One line (Abort) if it cannot be had."""
+    name, weights, kwargs = args.model, args.weights, dict(img_size=args.img_size)
+    if name == "tiny":  # its pretrained weights ship with this repository
+        name, weights = TINY["name"], weights or TINY_WEIGHTS
+        kwargs.update((k, v) for k, v in TINY.items() if k not in ("name", "img_size"))
+    if not timm.is_model(name):
+        raise Abort(f"unknown model {name!r}: expected 'tiny' or a timm ViT name such as "
+                    "vit_base_patch16_224.augreg_in21k (see timm.list_models('vit_*'))")
+    if weights is not None and not os.path.isfile(weights):
+        raise Abort(f"weights file {weights} not found: expected a .safetensors or .pth file")
+    if weights is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
     try:
-        return scilt.create_backbone(**kwargs)
-    except ValueError as error:
-        hint = "; download them where there is internet and pass --weights FILE"
-        raise Abort(f"{error}{hint if 'internet' in str(error) else ''}") from None
+        return scilt.create_backbone(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        if "is not a ViT" in reason:
+            raise Abort(reason) from None
+        if weights is not None:
+            raise Abort(f"could not load weights file {weights} into {name}: {reason}") from None
+        raise Abort(f"could not fetch pretrained weights for {name} ({reason}): without internet, "
+                    "download them where there is and pass --weights FILE") from None
+
+
+def count_parameters(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
 
 
 def build_model(args, class_counts):
@@ -174,7 +218,7 @@ def setup_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -234,8 +278,11 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
                 dist.all_reduce(total_loss)
             mean_loss = total_loss.item() / (world() * (i + 1))
             if not math.isfinite(mean_loss):
-                raise Abort(f"the loss became {mean_loss} in epoch {epoch + 1}; the last good "
-                            f"checkpoint is in {args.out} (try a lower --lr)")
+                saved = Path(args.out, "checkpoint.pt")
+                kept = f"the last good checkpoint is {saved}" if saved.exists() else \
+                    "no checkpoint was written yet"
+                raise Abort(f"the loss became {mean_loss} in epoch {epoch + 1}; {kept} (try a "
+                            "lower --lr)")
             elapsed = time.time() - started
             left = elapsed / (i + 1) * (total_steps - step - 1)
             log(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {mean_loss:.4f} "
@@ -276,7 +323,8 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
         if not dist.is_initialized() or dist.get_rank() == 0:
             checkpoint = {"state": state, "model": trainable_state(model), "classes": data.classes,
                           "class_counts": data.class_counts, "optimizer": optimizer.state_dict(),
-                          "args": vars(args)}
+                          "args": vars(args), "weights_sha256": weights_digest(args),
+                          "world_size": world()}
             save_atomically(checkpoint, checkpoint_path)
 
 
@@ -290,13 +338,9 @@ def trainable_state(model):
     return {k: v.detach().cpu().clone() for k, v in learned + scales}
 
 
-def save_atomically(obj, path, text=False):
-    temporary = Path(f"{path}.tmp")
-    if text:
-        temporary.write_text(obj)
-    else:
-        torch.save(obj, temporary)
-    os.replace(temporary, path)
+def save_atomically(checkpoint, path):
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, classes=None):
@@ -329,56 +373,41 @@ def flag_values(values, flags):
     return " ".join(f"--{flag.replace('_', '-')} {shown(values.get(flag))}" for flag in flags)
 
 
-def restore(model, optimizer, checkpoint, path, args):
-    """Load a checkpoint into the model (and optimizer) after checking that this run's flags are
-    the ones it was trained with: what makes the model, and on --resume what shapes the schedule."""
+def check_flags(checkpoint, path, args, depth):
+    """One line if this run's flags differ from those the checkpoint was trained with: what makes
+    the model (the backbone's weights by content, the levels however spelled), and on --resume
+    what shapes the learning-rate schedule, the number of processes included."""
     flags = MODEL_FLAGS + (() if args.eval_only else SCHEDULE_FLAGS)
-    was, asked = checkpoint["args"], vars(args)
-    differ = [flag for flag in flags if was.get(flag) != asked[flag]]
+    was, asked = dict(checkpoint["args"]), vars(args).copy()
+    differ = [flag for flag in flags if was.get(flag) != asked.get(flag)]
+    was["blocks"], asked["blocks"] = levels(argparse.Namespace(**was), depth), levels(args, depth)
+    if not differ and was["blocks"] != asked["blocks"]:
+        differ = ["blocks"]
     if differ:
         raise Abort(f"checkpoint {path} was trained with {flag_values(was, differ)}, but this run "
                     f"asks for {flag_values(asked, differ)}: pass the flags it was trained with, "
                     "or another --out")
+    trained_on, given = checkpoint.get("weights_sha256"), weights_digest(args)
+    if "weights_sha256" in checkpoint and trained_on != given:
+        raise Abort(f"checkpoint {path} was trained on backbone weights with SHA-256 "
+                    f"{str(trained_on)[:12]}, but this run loads {args.weights or args.model} "
+                    f"({str(given)[:12]}): pass the weights it was trained on, or another --out")
+    processes = checkpoint.get("world_size", world())
+    if not args.eval_only and processes != world():
+        raise Abort(f"checkpoint {path} was trained by {processes} process(es), but this run has "
+                    f"{world()}: the steps per epoch, and so the schedule, would change; resume it "
+                    f"with torchrun --nproc_per_node={processes}")
+
+
+def restore(model, optimizer, checkpoint, path, args):
+    """Load a checkpoint into the model (and optimizer) after check_flags()."""
+    check_flags(checkpoint, path, args, len(model.backbone.blocks))
     load_trained(model, checkpoint, path)
     if not args.eval_only:
         optimizer.load_state_dict(checkpoint["optimizer"])
 
 
-def load_run(out, device, weights=None):
-    """The model a run's evaluation used (the epoch it kept), rebuilt from its checkpoint and
-    arguments, in eval mode, with the arguments and classes; `weights` replaces the backbone's."""
-    path = Path(out) / "checkpoint.pt"
-    if not path.exists():
-        raise Abort(f"no checkpoint at {path}: train into that --out first")
-    checkpoint = load_checkpoint(path)
-    trained = argparse.Namespace(**checkpoint["args"])
-    trained.weights = weights or trained.weights
-    counts = checkpoint.get("class_counts", [1] * len(checkpoint["classes"]))  # older: none
-    trained.blocks = getattr(trained, "blocks", [-2, -1])
-    model = build_model(trained, counts)
-    load_trained(model, {"model": checkpoint["state"]["best"] or checkpoint["model"]}, path)
-    return model.to(device).eval(), trained, checkpoint["classes"]
-
-
 # --------------------------------------------------------------------------------------------------
-
-def step_zero(model, loaders, data, device, rank, log):
-    """The heads start as nearest-class-mean classifiers on the un-augmented pretrained features;
-    the model at step 0 and a linear probe on the frozen features are the report's first rows."""
-    train = report.evaluate(model, loaders["train"], device)
-    levels = [train.levels[:, l].to(device) for l in range(len(model.blocks))]
-    model.init_heads(levels, train.labels.to(device))
-    val = report.evaluate(model, loaders["val"], device)
-    test = report.evaluate(model, loaders["test"], device)
-    if rank > 0:  # the probe is fit by the first process alone
-        return None
-    before = report.start_metrics(train, val, test, data.class_counts, data.group_counts,
-                                  data.classes, TAU, device)
-    log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale "
-        f"fitted to {model.scale:.3g}), linear probe on frozen features "
-        f"{100 * before['probe']['balanced_acc']:.1f}% balanced accuracy")
-    return before
-
 
 def run(args):
     rank, world_size, device = setup_distributed(args.device)
@@ -405,7 +434,7 @@ def run(args):
         dist.barrier()
     checkpoint = load_checkpoint(checkpoint_path, data.classes) if continuing else None
     model = build_model(args, data.class_counts).to(device)
-    trainable, total = scilt.count_parameters(model)
+    trainable, total = count_parameters(model)
     log(f"{args.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
         f"images, {len(data.classes)} classes, training counts "
         f"{max(data.class_counts)}..{min(data.class_counts)}")
@@ -427,7 +456,7 @@ def run(args):
         log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done, "
             f"epoch {state['best_epoch']} kept")
     else:
-        before = step_zero(model, loaders, data, device, rank, log)
+        before = report.step_zero(model, loaders, data, device, TAU, log)
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, best=None, train_seconds=0.0,
                      before=before)
         if rank == 0:
@@ -439,18 +468,10 @@ def run(args):
                      checkpoint_path)
     if state["best"] is not None:
         model.load_state_dict(state["best"], strict=False)
-    test = report.evaluate(model, loaders["test"], device)
-    val = report.evaluate(model, loaders["val"], device)
-    train = report.evaluate(model, loaders["train"], device)
-    if rank == 0:
-        metrics = report.report(model, test, val, train, data, state["before"])
-        metrics.update(trainable_params=trainable, total_params=total, method=args.method,
-                       train_seconds=round(state["train_seconds"], 1), epochs=state["epoch"],
-                       best_epoch=state["best_epoch"], args=vars(args))
-        report.print_report(metrics)
-        report.write(metrics, out)
-        log(f"wrote {out / 'metrics.json'}, {out / 'report.png'}, {checkpoint_path}, "
-            f"{out / 'splits.csv'}")
+    facts = dict(trainable_params=trainable, total_params=total, method=args.method,
+                 train_seconds=round(state["train_seconds"], 1), epochs=state["epoch"],
+                 best_epoch=state["best_epoch"], args=vars(args))
+    report.finish(model, loaders, data, state["before"], facts, device, out, log)
     return out
 
 
@@ -459,7 +480,8 @@ def main(argv=None):
     try:
         return run(args)
     except (Abort, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process says it
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():

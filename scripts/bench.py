@@ -78,7 +78,7 @@ def main():
     # 1. training step
     steps = {}
     for method in ("scilt", "final"):
-        backbone = train.create_backbone("vit_small_patch16_224")
+        backbone = scilt.create_backbone("vit_small_patch16_224")
         model = scilt.SciLT(backbone, counts, method=method).to(device)
         optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         steps[method] = functools.partial(training_step, model, model.loss, optimizer, images,
@@ -93,7 +93,7 @@ def main():
     results["scilt_over_full"] = step_times["scilt"] / step_times["full fine-tuning"]
 
     # 2. inference: merged SciLT vs the plain timm model (with its own linear head)
-    merged = scilt.SciLT(train.create_backbone("vit_small_patch16_224"), counts).to(device).eval()
+    merged = scilt.SciLT(scilt.create_backbone("vit_small_patch16_224"), counts).to(device).eval()
     for layer in scilt.lora_layers(merged):
         torch.nn.init.normal_(layer.lora_B, std=0.01)
     scilt.merge_lora(merged)
@@ -111,8 +111,8 @@ def main():
     results["merged_over_plain"] = infer_times["merged scilt"] / infer_times["plain timm"]
 
     # 3. trainable fraction of ViT-B/16
-    base = scilt.SciLT(train.create_backbone("vit_base_patch16_224"), [1] * 8)
-    trainable, total = scilt.count_parameters(base)
+    base = scilt.SciLT(scilt.create_backbone("vit_base_patch16_224"), [1] * 8)
+    trainable, total = train.count_parameters(base)
     results["vit_b16_trainable"] = trainable
     results["vit_b16_trainable_fraction"] = trainable / (total - trainable)
 

@@ -60,10 +60,11 @@ def load_exported(path):
 def export_run(out, target, weights=None):
     """The run in `out` as the file `target`, written whole or not at all."""
     import train  # here, not above: load_exported() needs scilt.py alone
+    from predict import load_run
 
     if "RANK" in os.environ:
         raise train.Abort("the export runs in one process: start it with python, not torchrun")
-    model, trained, classes = train.load_run(out, torch.device("cpu"), weights)
+    model, trained, classes = load_run(out, torch.device("cpu"), weights)
     if trained.model == "tiny":
         name = train.TINY["name"]
         kwargs = {k: v for k, v in train.TINY.items() if k not in ("name", "weight_init")}

@@ -32,6 +32,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_run(out, device, weights=None):
+    """The model a run's evaluation used (the epoch it kept), rebuilt from its checkpoint and
+    arguments, in eval mode, with the arguments and classes; `weights` replaces the backbone's
+    file (it must hold the same weights)."""
+    path = Path(out) / "checkpoint.pt"
+    if not path.exists():
+        raise train.Abort(f"no checkpoint at {path}: train into that --out first")
+    checkpoint = train.load_checkpoint(path)
+    trained = argparse.Namespace(**checkpoint["args"])
+    trained.weights = weights or trained.weights
+    trained.blocks = getattr(trained, "blocks", [-2, -1])
+    trained.eval_only = True
+    counts = checkpoint.get("class_counts", [1] * len(checkpoint["classes"]))  # older: none
+    model = train.build_model(trained, counts)
+    train.check_flags(checkpoint, path, trained, len(model.backbone.blocks))
+    kept = checkpoint["state"]["best"] or checkpoint["model"]
+    train.load_trained(model, {"model": kept}, path)
+    return model.to(device).eval(), trained, checkpoint["classes"]
+
+
 def row(path, probabilities, error, classes):
     if error:
         return [path, "", "", *[""] * len(classes), error]
@@ -46,7 +66,7 @@ def predict_images(args):
     if "RANK" in os.environ:
         raise train.Abort("prediction runs in one process: start it with python, not torchrun")
     device = torch.device(args.device)
-    model, trained, classes = train.load_run(args.out, device, args.weights)
+    model, trained, classes = load_run(args.out, device, args.weights)
     paths = find_images(args.paths)
     scilt.merge_lora(model)  # inference at the plain model's speed, the same outputs
     transform = make_transform(trained.img_size, *train.normalisation(trained.model))

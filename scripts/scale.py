@@ -38,7 +38,7 @@ def peak_gb():
 
 
 def classify_all(model, evaluation):
-    """What train.evaluate() keeps of each image after its forward pass: the predicted classes."""
+    """What report.evaluate() keeps of each image after its forward pass: the predicted classes."""
     heads = ("fused", *model.level_names())
     predicted = {name: [torch.zeros(0, dtype=torch.long)] for name in heads}
     for h in evaluation.levels.split(8192):
@@ -72,8 +72,8 @@ def main():
     sets = {}
     for name, y in labels.items():
         h = torch.stack([features(y, centres, generator) for _ in range(2)], 1)  # (N, 2, D)
-        sets[name] = train.Evaluation(y, h, h[:, 1], {})
-    backbone = train.create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=16,
+        sets[name] = report.Evaluation(y, h, h[:, 1], {})
+    backbone = scilt.create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=16,
                                      embed_dim=args.dim, depth=2, num_heads=max(1, args.dim // 64))
     model = scilt.SciLT(backbone, counts.tolist())
     classes = [f"class{k}" for k in range(args.classes)]

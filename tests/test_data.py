@@ -186,6 +186,19 @@ def test_folder_with_and_without_val(tmp_path):
         load_data("folder", tmp_path)
 
 
+def test_folder_test_split_lacking_a_class_keeps_the_training_labels(tmp_path):
+    """A test (or val) folder without one of the training classes: every other class keeps the
+    training label of its name, not its place among that folder's own classes."""
+    write_class_folders(tmp_path / "train", [4, 3, 2], ["cats", "dogs", "eels"])
+    write_class_folders(tmp_path / "test", [2, 2], ["cats", "eels"])
+    write_class_folders(tmp_path / "val", [1, 1], ["dogs", "eels"])
+    d = load_data("folder", tmp_path, img_size=32)
+    assert set(zip(*d.splits["test"])) == {("test/cats/0.jpg", 0), ("test/cats/1.jpg", 0),
+                                          ("test/eels/0.jpg", 2), ("test/eels/1.jpg", 2)}
+    assert set(zip(*d.splits["val"])) == {("val/dogs/0.jpg", 1), ("val/eels/0.jpg", 2)}
+    assert [label for _, label in d.test] == [0, 0, 2, 2]
+
+
 def test_bad_roots_and_names(tmp_path):
     with pytest.raises(DataError, match="unknown data set 'imagenet': expected one of synthetic, isic"):
         load_data("imagenet")
@@ -294,3 +307,132 @@ def test_loader_worker_error_arrives_as_one_line(tmp_path):
         list(data.Loader(images, batch_size=2, num_workers=1))
     assert str(error.value).startswith("cannot read image") and "b.jpg" in str(error.value)
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Real files as they come: what users' folders and the public archives hold.
+
+def test_sixteen_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+    """A 12-bit X-ray ramp in a 16-bit PNG spans 0..255, not clipped to white at 255."""
+    ramp = np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "xray.png")
+    with Image.open(tmp_path / "xray.png") as image:
+        assert image.mode.startswith("I")  # Pillow reads it as 16-bit integers
+    pixels = np.asarray(data.open_image(tmp_path / "xray.png"))[..., 0].astype(float)
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 2
+    assert (np.diff(pixels[0]) >= 0).all()  # still a ramp
+    full = (ramp.astype(np.uint32) * 16).astype(np.uint16)  # the same ramp at 16 bits
+    Image.fromarray(full).save(tmp_path / "full.png")
+    sixteen = np.asarray(data.open_image(tmp_path / "full.png"))[..., 0].astype(float)
+    assert np.abs(sixteen - pixels).max() <= 1
+    eight = np.tile(np.arange(0, 256, 4, dtype=np.uint16), (8, 1))  # 8-bit values stored as 16
+    Image.fromarray(eight).save(tmp_path / "eight.png")
+    assert (np.asarray(data.open_image(tmp_path / "eight.png"))[..., 0] == eight).all()
+
+
+def test_an_image_over_pillows_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "huge.png").write_bytes(image_bytes((64, 64), fmt="PNG"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice this
+    with pytest.raises(DataError, match="huge.png is larger than Pillow's limit of 2,000 pixels"):
+        data.open_image(tmp_path / "huge.png")
+    files = data.ImageFiles([tmp_path / "huge.png"], data.make_transform(16, (0.5,) * 3,
+                                                                         (0.5,) * 3), 16)
+    image, error = files[0]  # prediction: a row with the error, not the end of the job
+    assert image.shape == (3, 16, 16) and "larger than Pillow's limit" in error
+
+
+def test_a_3d_medmnist_file_is_refused_at_load(tmp_path):
+    arrays = {f"{split}_images": np.zeros((4, 28, 28, 28), np.uint8) for split in ("train", "val",
+                                                                                  "test")}
+    arrays.update({f"{split}_labels": np.array([[0], [1], [0], [1]]) for split in ("train", "val",
+                                                                                   "test")})
+    np.savez(tmp_path / "organmnist3d.npz", **arrays)
+    with pytest.raises(DataError, match=r"images of shape \(28, 28, 28\): expected 2D images"):
+        load_data("npz", tmp_path / "organmnist3d.npz")
+
+
+def test_folders_skip_what_macos_and_notebooks_leave_and_take_torchvisions_suffixes(tmp_path):
+    write_class_folders(tmp_path / "train", [2, 2], ["cats", "dogs"])
+    write_class_folders(tmp_path / "test", [1, 1], ["cats", "dogs"])
+    cats = tmp_path / "train" / "cats"
+    (cats / "._0.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # copied from a Mac
+    (cats / ".DS_Store").write_bytes(b"\x00")
+    (cats / "Thumbs.db").write_bytes(b"\x00")
+    for suffix, fmt in ((".webp", "WEBP"), (".ppm", "PPM"), (".pgm", "PPM")):
+        mode = "L" if suffix == ".pgm" else "RGB"
+        (cats / f"more{suffix}").write_bytes(image_bytes(mode=mode, fmt=fmt))
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "train" / ".ipynb_checkpoints" / "x.jpg").write_bytes(image_bytes())
+    (tmp_path / "train" / "__MACOSX").mkdir()
+    d = load_data("folder", tmp_path, img_size=16)
+    assert d.classes == ["cats", "dogs"]
+    train_items = set(d.splits["train"][0]) | set(d.splits["val"][0])
+    assert {f"train/cats/more{s}" for s in (".webp", ".ppm", ".pgm")} <= train_items
+    assert not any("._" in item or "Thumbs" in item for item in train_items)
+    assert all(image.shape == (3, 16, 16) for image, _ in d.train_eval)
+    found = {p.name for p in data.find_images([tmp_path])}
+    assert {"more.webp", "more.ppm", "more.pgm"} <= found
+    assert not found & {"._0.jpg", "x.jpg", "Thumbs.db", ".DS_Store"}
+
+
+def test_bloodmnist_takes_the_file_at_the_image_size(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, size in (("bloodmnist.npz", 28), ("bloodmnist_64.npz", 64)):
+        labels = np.repeat(np.arange(8), 152)[:, None]
+        arrays = {}
+        for split, part in zip(("train", "val", "test"), np.array_split(np.arange(len(labels)), 3)):
+            arrays[f"{split}_images"] = rng.integers(0, 255, (len(part), size, size, 3), np.uint8)
+            arrays[f"{split}_labels"] = labels[part]
+        np.savez(tmp_path / name, **arrays)
+    assert load_data("blood", tmp_path, img_size=64).test.source.shape[1:] == (64, 64, 3)
+    assert load_data("blood", tmp_path, img_size=28).test.source.shape[1:] == (28, 28, 3)
+    with pytest.raises(DataError, match="holds bloodmnist.npz, bloodmnist_64.npz: expected one at "
+                                        "--img-size 224 px"):
+        load_data("blood", tmp_path, img_size=224)
+
+
+def test_label_files_that_list_an_image_twice_are_refused(isic_root, nih_root, tmp_path):
+    rows = list(csv.reader(open(isic_root / "ISIC_2019_Training_GroundTruth.csv")))
+    write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", rows[0], rows[1:] + [rows[5]])
+    (tmp_path / "ISIC_2019_Training_Input").symlink_to(isic_root / "ISIC_2019_Training_Input")
+    with pytest.raises(DataError, match=f"lists {rows[5][0]} twice \\(lines 6 and {len(rows) + 1}"):
+        load_data("isic", tmp_path, download=False)
+    test_csv = nih_root / "nih-cxr-lt_single-label_balanced-test.csv"
+    train_rows = list(csv.reader(open(nih_root / "nih-cxr-lt_single-label_train.csv")))
+    test_rows = list(csv.reader(open(test_csv)))
+    write_csv(test_csv, test_rows[0], test_rows[1:] + [train_rows[1]])  # a train image in test
+    with pytest.raises(DataError, match=f"{train_rows[1][0]} is listed in nih-cxr-lt_single-label_"
+                                        "train.csv and in .*balanced-test.csv"):
+        load_data("nih", nih_root)
+
+
+def test_a_wrapping_folder_and_the_kaggle_nih_layout_are_found(tmp_path, nih_root):
+    # PBC_dataset_normal_DIB.zip unpacks to PBC_dataset_normal_DIB/PBC_dataset_normal_DIB/<types>
+    pbc = tmp_path / "PBC_dataset_normal_DIB"
+    write_class_folders(pbc / "PBC_dataset_normal_DIB", [152] * 8, data.BLOOD_CLASSES)
+    (pbc / "__MACOSX").mkdir()
+    d = load_data("blood", pbc, img_size=16, imbalance_ratio=10)
+    assert d.classes == data.BLOOD_CLASSES and len(d.test) == 800
+    assert d.test[0][0].shape == (3, 16, 16)
+    # Kaggle's ChestX-ray14: images_001/images/*.png ... images_012/images/*.png
+    names = sorted(p.name for p in (nih_root / "images").iterdir())
+    for i, name in enumerate(names):
+        folder = nih_root / f"images_{1 + i % 3:03d}" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        (nih_root / "images" / name).rename(folder / name)
+    (nih_root / "images").rmdir()
+    d = load_data("nih", nih_root, img_size=16)
+    assert len(d.test) == 40 and d.test[0][0].shape == (3, 16, 16)
+    assert d.splits["test"][0][0].startswith("images_0") and "/images/" in d.splits["test"][0][0]
+
+
+def test_class_folders_named_in_decomposed_unicode_match_the_training_classes(tmp_path):
+    import unicodedata
+
+    composed = "Zellkern-Ödem"
+    write_class_folders(tmp_path / "train", [3, 3], [composed, "Zytoplasma"])
+    write_class_folders(tmp_path / "test", [1, 1],
+                        [unicodedata.normalize("NFD", composed), "Zytoplasma"])  # as macOS writes
+    d = load_data("folder", tmp_path, img_size=16)
+    assert d.classes == [composed, "Zytoplasma"] and sorted(d.splits["test"][1]) == [0, 1]
+    assert d.test[0][0].shape == (3, 16, 16)  # the files are found under their own names

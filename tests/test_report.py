@@ -1,6 +1,7 @@
 """report.py: the evaluation over processes, the linear probe, the report's rows and groups."""
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,18 @@ def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gai
     metrics = report.report(model, test, val, test, data, {})
     assert (metrics["many"], metrics["medium"], metrics["few"]) == (0.0, 1.0, 1.0)  # by [5, 50, 200]
     assert metrics["fusion_val_correlation"] == pytest.approx(1.0)
+
+
+def test_fusion_val_correlation_leaves_out_the_classes_val_lacks():
+    """Class 3 has no val image: it is left out, not counted as a gain of 0."""
+    labels = predicted(0, 0, 1, 1, 2, 2)
+    pen = predicted(0, 0, 1, 0, 0, 0)   # right on 0, half on 1, wrong on 2
+    fin = predicted(1, 1, 1, 1, 2, 2)   # the reverse: 0, 1, 1
+    val = report.Evaluation(labels, None, None, {"penultimate": pen, "final": fin})
+    a = torch.tensor([0.9, 0.5, 0.1, 0.9])  # class 3 leans on the penultimate level
+    # gains over the classes held, 1, -0.5, -1, against a = 0.9, 0.5, 0.1
+    expected = float(np.corrcoef([0.9, 0.5, 0.1], [1.0, -0.5, -1.0])[0, 1])
+    assert report.fusion_val_correlation(a, val, [10, 10, 10, 10]) == pytest.approx(expected)
 
 
 def test_linear_probe_separates_separable_features():

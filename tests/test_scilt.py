@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import scilt
+import train
 from conftest import TINY, tiny_vit
 
 COUNTS = [120, 60, 30, 12, 4]
@@ -66,6 +67,20 @@ def test_tap_of_every_block_equals_timm_intermediates():
         torch.testing.assert_close(h, vit.forward_head(vit.norm(z), pre_logits=True), rtol=0, atol=0)
 
 
+def test_tap_returns_the_levels_asked_for_in_the_order_asked():
+    vit = tiny_vit("avg").eval()
+    x = torch.randn(2, 3, 32, 32)
+    pen, fin = scilt.tap(vit, x)  # the default (-2, -1)
+    swapped = scilt.tap(vit, x, (-1, -2))
+    torch.testing.assert_close(swapped[0], fin, rtol=0, atol=0)
+    torch.testing.assert_close(swapped[1], pen, rtol=0, atol=0)
+    twice = scilt.tap(vit, x, (2, -1, 0))
+    assert len(twice) == 3
+    torch.testing.assert_close(twice[0], twice[1], rtol=0, atol=0)
+    torch.testing.assert_close(twice[0], fin, rtol=0, atol=0)
+    assert not torch.allclose(twice[2], fin)
+
+
 def test_tap_runs_each_block_once():
     model, _ = build()
     calls = [0] * len(model.backbone.blocks)
@@ -98,7 +113,7 @@ def test_lora_alpha_defaults_to_the_rank_in_every_constructor():
     model = scilt.SciLT(tiny_vit(), COUNTS, rank=16)
     assert {layer.scaling for layer in scilt.lora_layers(model)} == {1.0}
     assert scilt.LoRALinear(torch.nn.Linear(4, 4), rank=2).scaling == 1.0
-    import train
+
     built = scilt.SciLT(tiny_vit(), COUNTS, rank=16, tau=train.TAU, aux_weight=train.AUX_WEIGHT)
     assert {layer.scaling for layer in scilt.lora_layers(built)} == {1.0}
 
@@ -204,6 +219,44 @@ def test_the_two_level_default_is_the_papers_fusion():
     s1, s2 = out.levels
     torch.testing.assert_close(out.logits, a * s1 + (1 - a) * s2)
     torch.testing.assert_close(s1, model.heads[0](timm_features(pretrained.eval(), x)[0]))
+
+
+def test_feature_fusion_is_a_cosine_classifier_on_the_gated_unit_features():
+    """--fusion feature, the paper's "adaptive feature fusion" read literally: f = w_1 * u_pen +
+    w_2 * u_fin per channel (u = h / |h|, w a softmax over the levels), s = t cos(W, f); the two
+    level heads keep giving s_1 and s_2 for the dual supervision."""
+    model, pretrained = build("scilt", fusion="feature")
+    model.eval(), pretrained.eval()
+    assert model.gate.shape == (48, 2) and model.fused_head is not None
+    x = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 0, 1, 2, 3, 4, 4, 1])
+    with torch.no_grad():  # step 0: equal weights, and class means of the fused features
+        h_pen, h_fin = timm_features(pretrained, torch.cat([x, x + 1]))
+        model.init_heads([h_pen, h_fin], labels)
+    mean_unit = (F.normalize(h_pen, dim=-1) + F.normalize(h_fin, dim=-1)) / 2
+    expected_rows = torch.stack([F.normalize(mean_unit[labels == k], dim=-1).mean(0)
+                                 for k in range(5)])
+    torch.testing.assert_close(model.fused_head.weight, F.normalize(expected_rows, dim=-1))
+    with torch.no_grad():
+        model.gate.normal_()
+        for head in (*model.heads, model.fused_head):
+            head.weight.normal_()
+    out = model(x)
+    h_pen, h_fin = timm_features(pretrained, x)
+    w = torch.softmax(model.gate, dim=1)
+    f = w[:, 0] * F.normalize(h_pen, dim=-1) + w[:, 1] * F.normalize(h_fin, dim=-1)
+    t = model.scale
+    expected = t * F.normalize(f, dim=-1) @ F.normalize(model.fused_head.weight, dim=-1).T
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.levels[0], model.heads[0](h_pen))
+    torch.testing.assert_close(out.levels[1], model.heads[1](h_fin))
+    torch.testing.assert_close(model.level_weights(), w.mean(0).expand(5, 2))
+    y = torch.tensor([0, 1, 2, 4])
+    model.loss(out, y).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"gate", "fused_head.weight", "heads.0.weight", "heads.1.weight"} <= trainable
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n in ("gate", "fused_head.weight", "heads.0.weight", "heads.1.weight"))
 
 
 def test_methods_produce_the_documented_outputs():
@@ -426,39 +479,19 @@ def test_rademacher_check_pairs_the_levels_and_reports_fractions_of_the_bound():
     assert check.classes["fused"].estimate == pytest.approx(0.3 * pen.estimate + 0.7 * fin.estimate)
     assert check.classes["sum"].estimate == pytest.approx(pen.estimate + fin.estimate)
     assert check.n == 64 and check.scale == 7.0 and check.level_weights == pytest.approx([0.3, 0.7])
+    # fused features: the fused class is measured on them, from the same draws
+    fused = scilt.rademacher_check({"penultimate": q, "final": q}, weights, 7.0, fused=2 * q)
+    assert fused.classes["fused"].estimate == pytest.approx(pen.estimate)
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_create_backbone_from_local_weights_file(tmp_path, suffix):
-    # with a classifier head, as a downloaded checkpoint has
-    source = timm.create_model("vit_tiny_patch16_224", num_classes=7, **TINY)
-    path = tmp_path / f"weights{suffix}"
-    if suffix == ".pth":
-        torch.save(source.state_dict(), path)
-    else:
-        from safetensors.torch import save_file
-        save_file(source.state_dict(), path)
-    loaded = tiny_vit(weights=path)
-    source.eval(), loaded.eval()
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(loaded.forward_head(loaded.forward_features(x), pre_logits=True),
-                               source.forward_head(source.forward_features(x), pre_logits=True))
-    with pytest.raises(ValueError, match="missing.pth not found"):
-        tiny_vit(weights=tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="could not load weights file .* into vit_tiny_patch16_224"):
-        scilt.create_backbone("vit_tiny_patch16_224", weights=path, **{**TINY, "embed_dim": 64})
-
-
-def test_create_backbone_errors():
-    with pytest.raises(ValueError, match="unknown model 'vit_nonexistent'"):
-        scilt.create_backbone("vit_nonexistent")
-    with pytest.raises(ValueError, match="is not a ViT"):
+def test_create_backbone_refuses_what_is_not_a_vit():
+    with pytest.raises(ValueError, match="model 'resnet18' is not a ViT"):
         scilt.create_backbone("resnet18")
 
 
 def test_parameter_counts():
     model, pretrained = build()
-    trainable, total = scilt.count_parameters(model)
+    trainable, total = train.count_parameters(model)
     lora = sum(p.numel() for layer in scilt.lora_layers(model) for p in (layer.lora_A, layer.lora_B))
     assert trainable == lora + 2 * 5 * 48 + 5 * 2  # two heads, the gate: a weight per class and level
     assert total == trainable + sum(p.numel() for p in pretrained.parameters())

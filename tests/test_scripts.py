@@ -14,9 +14,10 @@ import analyze
 import export
 import predict
 import report
+import scilt
 import train
-from conftest import ROOT, fails
-from data import Loader, load_data
+from conftest import ROOT, TINY, fails, tiny_vit
+from data import Loader, load_data, make_transform
 
 FAST = ["--img-size", "16", "--epochs", "1"]
 
@@ -47,6 +48,24 @@ def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys)
     assert not (tmp_path / "analysis" / "checkpoint.pt").exists()
     with Image.open(tmp_path / "analysis" / "layers.png") as image:
         assert image.format == "PNG"
+
+
+def test_analyze_a_two_class_folder(tmp_path, capsys):
+    """Binary sets (PneumoniaMNIST, BreastMNIST): the rarer class is the tail third."""
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", (30, 8)), ("test", (6, 6))):
+        for k, (name, n) in enumerate(zip(("normal", "pneumonia"), sizes)):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 200, (20, 20, 3)) + 50 * k
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                image.save(tmp_path / split / name / f"{i}.png")
+    analyze.main(["--data", "folder", "--data-root", str(tmp_path), "--model", "tiny",
+                  "--img-size", "16", "--out", str(tmp_path / "analysis")])
+    analysis = json.loads((tmp_path / "analysis" / "layers.json").read_text())
+    assert analysis["tail"] == "tail" and len(analysis["layers"]) == 6
+    assert all(layer["probe"]["tail"] is not None for layer in analysis["layers"])
+    assert "Recommended on val: --blocks" in capsys.readouterr().out
 
 
 def test_analysis_table_marks_the_best_block_per_column(capsys):
@@ -96,7 +115,7 @@ def test_predict_and_export_give_the_evaluations_predictions(tmp_path, capsys):
     assert rows["test/red/broken.png"]["predicted"] == ""
     assert "15 images classified, 1 could not be read" in capsys.readouterr().out
     # image by image, the classes the run's evaluation predicts (unmerged LoRA, its test split)
-    model, trained, classes = train.load_run(out, torch.device("cpu"))
+    model, trained, classes = predict.load_run(out, torch.device("cpu"))
     data = load_data("folder", root, img_size=16, splits=out / "splits.csv")
     evaluated = report.evaluate(model, Loader(data.test, batch_size=64), torch.device("cpu"))
     assert len(data.test.items) == 15
@@ -125,6 +144,95 @@ def test_predict_and_export_give_the_evaluations_predictions(tmp_path, capsys):
             assert p.max().item() == pytest.approx(float(row["probability"]), abs=1e-4)
     (tmp_path / "empty").mkdir()
     assert "no image under" in fails(capsys, predict.main, "--out", str(out), str(tmp_path / "empty"))
+
+
+def disagreeing_model(blocks=(-2, -1)):
+    """A tiny SciLT whose LoRA update, heads and gate are set so that the backbone with and without
+    LoRA, the fused scores and each head's all differ."""
+    model = scilt.SciLT(tiny_vit(), [30, 10, 3], blocks=blocks)
+    with torch.no_grad():
+        for layer in scilt.lora_layers(model):
+            layer.lora_B.normal_(std=0.2)
+        for head in model.heads:
+            head.weight.normal_()
+            head.scale.fill_(5.0)
+        model.gate.normal_(std=3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("blocks", [(-2, -1), (0, 2)])
+def test_export_writes_the_adapted_model_and_load_exported_rebuilds_it(tmp_path, blocks):
+    model = disagreeing_model(blocks)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    path = tmp_path / "model.safetensors"
+    export.export(model, path, model="vit_tiny_patch16_224", model_kwargs=TINY)
+    assert not any(layer.merged for layer in scilt.lora_layers(model))  # left as it was given
+    loaded, meta = export.load_exported(path)
+    assert loaded.blocks == model.blocks and meta["blocks"] == [b % 3 + 1 for b in blocks]
+    with torch.no_grad():
+        got = loaded(x)
+        for layer in scilt.lora_layers(model):
+            layer.lora_B.zero_()
+        without_lora = model(x)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    for level, want in zip(got.levels, expected.levels):
+        torch.testing.assert_close(level, want, rtol=1e-4, atol=1e-4)
+    assert (without_lora.logits - expected.logits).abs().max() > 1e-2  # the update matters here
+    # a model merged by its caller stays merged
+    scilt.merge_lora(loaded)
+    export.export(loaded, tmp_path / "again.safetensors", model="vit_tiny_patch16_224",
+                  model_kwargs=TINY)
+    assert all(layer.merged for layer in scilt.lora_layers(loaded))
+
+
+def test_predicted_probabilities_are_the_softmax_of_the_fused_scores(tmp_path):
+    root, out = tmp_path / "images", tmp_path / "run"
+    write_image_folder(root)
+    run("--data", "folder", "--data-root", str(root), "--model", "tiny", *FAST, "--out", str(out))
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    for state in (checkpoint["model"], checkpoint["state"]["best"]):  # heads and gate that disagree
+        for name in ("heads.0.weight", "heads.1.weight"):
+            state[name] = torch.randn(state[name].shape, generator=generator)
+        state["gate"] = 3 * torch.randn(state["gate"].shape, generator=generator)
+    torch.save(checkpoint, out / "checkpoint.pt")
+    target = predict.main(["--out", str(out), str(root / "test")])
+    rows = list(csv.DictReader(target.open()))
+    model, trained, classes = predict.load_run(out, torch.device("cpu"))
+    transform = make_transform(16, *train.normalisation("tiny"))
+    images = torch.stack([transform(Image.open(row["path"]).convert("RGB")) for row in rows])
+    with torch.no_grad():
+        out = model(images)
+    fused, final = out.logits.softmax(-1), out.levels[-1].softmax(-1)
+    written = torch.tensor([[float(row[c]) for c in classes] for row in rows])
+    torch.testing.assert_close(written, fused, rtol=0, atol=2e-6)
+    assert (written - final).abs().max() > 1e-2  # the final head's would differ
+    assert [row["predicted"] for row in rows] == [classes[k] for k in fused.argmax(1)]
+
+
+def test_predict_takes_what_a_folder_holds(tmp_path, monkeypatch):
+    """webp, ppm and pgm files get rows; AppleDouble files and hidden folders none; an image over
+    Pillow's pixel limit a row with its error."""
+    root, out = tmp_path / "images", tmp_path / "run"
+    write_image_folder(root)
+    run("--data", "folder", "--data-root", str(root), "--model", "tiny", *FAST, "--out", str(out))
+    new = tmp_path / "new"
+    (new / ".ipynb_checkpoints").mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (20, 20, 3)).astype(np.uint8)
+    for name in ("a.webp", "b.ppm", ".ipynb_checkpoints/c.png"):
+        Image.fromarray(pixels).save(new / name)
+    Image.fromarray(pixels[..., 0]).save(new / "d.pgm")
+    (new / "._a.webp").write_bytes(b"\x00\x05\x16\x07")
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(new / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60 x 60 is over twice this
+    rows = {Path(row["path"]).name: row
+            for row in csv.DictReader(predict.main(["--out", str(out), str(new)]).open())}
+    assert set(rows) == {"a.webp", "b.ppm", "d.pgm", "huge.png"}
+    assert all(rows[name]["predicted"] and not rows[name]["error"] for name in ("a.webp", "b.ppm",
+                                                                                 "d.pgm"))
+    assert "larger than Pillow's limit" in rows["huge.png"]["error"]
 
 
 def test_predict_and_export_refuse_torchrun_and_need_a_run(tmp_path, capsys, monkeypatch):

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import scilt
@@ -110,15 +112,15 @@ def test_blocks_fuses_any_set_of_levels(tmp_path, capsys):
     error = fails(capsys, *FAST, "--blocks", "7", "--out", str(tmp_path / "bad"))
     assert "--blocks 7: tiny has 6 blocks, expected numbers in 1..6 or -6..-1" in error
     error = fails(capsys, *FAST, "--out", str(tmp_path / "three"), "--eval-only")
-    assert "was trained with --blocks 1 -2 -1, but this run asks for --blocks -2 -1" in error
+    assert "was trained with --blocks 1 5 6, but this run asks for --blocks 5 6" in error
 
 
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     whole = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "whole"))
     save = train.save_atomically
 
-    def stop_after_first_checkpoint(obj, path, text=False):
-        save(obj, path, text)
+    def stop_after_first_checkpoint(obj, path):
+        save(obj, path)
         raise KeyboardInterrupt  # the run is killed right after epoch 1 is saved
 
     monkeypatch.setattr(train, "save_atomically", stop_after_first_checkpoint)
@@ -141,6 +143,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert "invalid choice: 'imagenet'" in fails(capsys, "--data", "imagenet")
     assert "unknown model 'vit_nope'" in fails(capsys, *FAST, "--model", "vit_nope",
                                                "--out", str(tmp_path / "m"))
+    error = fails(capsys, *FAST, "--model", "vit_base_patch16_224.nosuchtag", "--out",
+                  str(tmp_path / "m"))
+    assert "--model vit_base_patch16_224.nosuchtag: Invalid pretrained tag (nosuchtag)" in error
+    assert "timm.list_pretrained('vit_base_patch16_224*')" in error
     assert "--epochs must be positive" in fails(capsys, "--epochs", "0")
     assert "no checkpoint at" in fails(capsys, "--out", str(tmp_path / "none"), "--eval-only")
     assert "weights file" in fails(capsys, *FAST, "--weights", str(tmp_path / "w.pth"),
@@ -194,8 +200,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
     out, two_epochs = str(tmp_path / "run"), ("--img-size", "16", "--epochs", "2")
     save = train.save_atomically
 
-    def stop_after_first_checkpoint(obj, path, text=False):
-        save(obj, path, text)
+    def stop_after_first_checkpoint(obj, path):
+        save(obj, path)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save_atomically", stop_after_first_checkpoint)
@@ -203,10 +209,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
         run(*two_epochs, "--out", out)
     monkeypatch.setattr(train, "save_atomically", save)
     saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(scilt.SciLT, "loss", lambda self, output, target: output.logits.sum() * float("nan"))
+    monkeypatch.setattr(scilt.SciLT, "loss",
+                        lambda self, output, target: output.logits.sum() * float("nan"))
     error = fails(capsys, *two_epochs, "--out", out, "--resume")
-    assert "the loss became nan in epoch 2" in error and "last good checkpoint is in" in error
+    assert "the loss became nan in epoch 2" in error
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoint.pt'}" in error
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
+    # in the first epoch there is none yet, and the message says so
+    error = fails(capsys, *two_epochs, "--out", str(tmp_path / "new"))
+    assert "the loss became nan in epoch 1; no checkpoint was written yet" in error
+    assert not (tmp_path / "new" / "checkpoint.pt").exists()
 
 
 def test_unreadable_image_in_a_loader_worker_is_one_line(tmp_path, capsys):
@@ -230,20 +242,44 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert result.stderr.strip().startswith("error: --data-root") and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_torchrun_two_processes(tmp_path):
-    out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *FAST, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+SLOW_STEP_ZERO = """import sys, time
+from datetime import timedelta
+sys.path.insert(0, {root!r})
+import report, train
+train.TIMEOUT = timedelta(seconds=15)  # a collective that waits longer than this fails
+fit = report.start_metrics
+def slow_fit(*args, **kwargs):  # a probe that takes long, as at iNaturalist size
+    time.sleep(25)
+    return fit(*args, **kwargs)
+report.start_metrics = slow_fit
+train.main()
+"""
+
+
+def test_torchrun_two_processes(tmp_path, capsys):
+    """Two processes train as one: every test image once, the report once. The step-0 probe takes
+    longer than the processes may wait for each other (25 s against 15 s): every process fits it,
+    so none waits. A resume by another number of processes is refused."""
+    out, program = tmp_path / "ddp", tmp_path / "slow_step_zero.py"
+    program.write_text(SLOW_STEP_ZERO.format(root=str(ROOT)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(program),
+               *FAST, "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("Rademacher complexity") == 1  # only rank 0 reports
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["rademacher"]["n"] == 988  # features gathered over the whole training set, once each
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "report.png", "splits.csv"]
-    # the two processes' shares of the test set, gathered, are the whole set once: one process re-evaluating
-    # the same checkpoint gets every per-class accuracy the same
+    assert metrics["rademacher"]["n"] == 988  # the whole training set's features, once each
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "report.png",
+                                                     "splits.csv"]
+    # the two processes' shares of the test set, gathered, are the whole set once: one process
+    # re-evaluating the same checkpoint gets every per-class accuracy the same
     alone = run(*FAST, "--out", str(out), "--eval-only")
     assert alone["per_class_acc"] == metrics["per_class_acc"] and alone["heads"] == metrics["heads"]
+    # the schedule's steps per epoch depend on the number of processes
+    error = fails(capsys, *FAST, "--out", str(out), "--resume")
+    assert "was trained by 2 process(es), but this run has 1" in error
+    assert "torchrun --nproc_per_node=2" in error
 
 
 def test_tiny_default_is_the_bundled_foundation_model():
@@ -264,22 +300,60 @@ def test_tiny_default_is_the_bundled_foundation_model():
     assert not torch.equal(fractal.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
 
 
-def test_start_row_is_the_class_mean_model_at_step_0(tmp_path):
-    """heads.start, computed here independently: cosine nearest class mean on the frozen final features."""
-    metrics = run(*FAST, "--method", "final", "--out", str(tmp_path))
-    args = train.parse_args(FAST)
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_backbone_from_a_local_weights_file(tmp_path, suffix):
+    """Weights of a timm ViT with its classifier head, as a downloaded checkpoint has, loaded as
+    timm loads the hub's; a missing file, a file of another shape and an unknown model: one line."""
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save(source.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file(source.state_dict(), path)
+    args = argparse.Namespace(model="vit_tiny_patch16_224", weights=str(path), img_size=32)
+    loaded = train.load_backbone(args).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.forward_head(loaded.forward_features(x), pre_logits=True),
+                               source.eval().forward_head(source.forward_features(x),
+                                                          pre_logits=True))
+    with pytest.raises(train.Abort, match="missing.pth not found"):
+        train.load_backbone(argparse.Namespace(**{**vars(args), "weights": tmp_path / "missing.pth"}))
+    with pytest.raises(train.Abort, match="could not load weights file .* into vit_small_patch16"):
+        train.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_small_patch16_224"}))
+    with pytest.raises(train.Abort, match="unknown model 'vit_nonexistent'"):
+        train.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_nonexistent"}))
+
+
+@pytest.mark.parametrize("method", ["final", "scilt"])
+def test_start_row_is_the_class_mean_model_at_step_0(tmp_path, method):
+    """heads.start, computed here independently: cosine nearest class mean on the frozen features
+    of each level, fused as at step 0 (equal weights, one scale), per class."""
+    metrics = run(*FAST, "--method", method, "--out", str(tmp_path))
     data = load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
-    backbone = train.load_backbone(args).eval()
-    with torch.no_grad():
-        features = lambda images: torch.nn.functional.normalize(scilt.tap(backbone, torch.stack(
-            [image for image, _ in images]))[1], dim=-1)
-        train_h, test_h = features(data.train_eval), features(data.test)
+    backbone = train.load_backbone(train.parse_args(FAST)).eval()
+
+    def cosines(images):  # each level's unit features, (N, D)
+        with torch.no_grad():
+            x = torch.stack([image for image, _ in images])
+            return [F.normalize(h, dim=-1) for h in scilt.tap(backbone, x)]
+
+    train_h, test_h = cosines(data.train_eval), cosines(data.test)
     train_labels, test_labels = torch.tensor(data.train_eval.labels), torch.tensor(data.test.labels)
-    means = torch.nn.functional.normalize(torch.stack([train_h[train_labels == k].mean(0) for k in range(10)]), dim=-1)
-    predictions = (test_h @ means.T).argmax(1)
-    expected = scilt.long_tail_metrics(predictions.numpy(), test_labels.numpy(), data.class_counts)
-    assert metrics["heads"]["start"]["balanced_acc"] == pytest.approx(expected["balanced_acc"])
-    assert metrics["heads"]["start"]["few"] == pytest.approx(expected["few"])
+    scores = []
+    for level_train, level_test in zip(train_h, test_h):
+        means = torch.stack([level_train[train_labels == k].mean(0) for k in range(10)])
+        scores.append(level_test @ F.normalize(means, dim=-1).T)
+    expected = {}
+    for name, s in (("final", scores[1]), ("scilt", scores[0] + scores[1])):
+        predictions = s.argmax(1).numpy()
+        expected[name] = scilt.long_tail_metrics(predictions, test_labels.numpy(),
+                                                 data.class_counts, data.classes)
+    assert expected["final"]["per_class_acc"] != expected["scilt"]["per_class_acc"]  # it can tell
+    start = metrics["heads"]["start"]
+    assert start["per_class_acc"] == pytest.approx(expected[method]["per_class_acc"])
+    assert start["balanced_acc"] == pytest.approx(expected[method]["balanced_acc"])
+    assert start["few"] == pytest.approx(expected[method]["few"])
 
 
 def test_training_lowers_the_loss_and_beats_step_0(tmp_path, capsys):
@@ -304,6 +378,23 @@ def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys):
     assert "--epochs 1 --batch-size 64" in fails(capsys, "--img-size", "16", "--epochs", "2", "--batch-size", "32",
                                                  "--out", out, "--resume")
     run(*FAST, "--out", out, "--lr", "0.01", "--eval-only")
+    # the same levels however spelled; and a checkpoint written before --blocks existed
+    run(*FAST, "--out", out, "--blocks", "5", "6", "--eval-only")
+    assert "--blocks 5 6, but this run asks for --blocks 4 6" in fails(
+        capsys, *FAST, "--out", out, "--blocks", "4", "-1", "--eval-only")
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    del checkpoint["args"]["blocks"]
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    run(*FAST, "--out", out, "--eval-only")
+    # the backbone's weights are compared by content: another file is refused, a copy is not
+    error = fails(capsys, *FAST, "--out", out, "--weights", str(ROOT / "fractal_vit.safetensors"),
+                  "--eval-only")
+    assert "was trained on backbone weights with SHA-256" in error
+    assert "fractal_vit.safetensors" in error
+    assert "SHA-256" in fails(capsys, *FAST, "--out", out, "--resume", "--weights",
+                              str(ROOT / "fractal_vit.safetensors"))
+    shutil.copy(train.TINY_WEIGHTS, tmp_path / "moved.safetensors")
+    run(*FAST, "--out", out, "--weights", str(tmp_path / "moved.safetensors"), "--eval-only")
     (tmp_path / "run" / "checkpoint.pt").write_bytes(saved[: len(saved) // 2])  # a copy cut short
     error = fails(capsys, *FAST, "--out", out, "--resume")
     assert error.startswith(f"error: cannot read checkpoint {tmp_path / 'run' / 'checkpoint.pt'}")
@@ -339,8 +430,8 @@ def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enoug
     monkeypatch.setattr(train, "val_score", lambda *args: (next(scores), enough_val))
     save, first = train.save_atomically, tmp_path / "epoch1"
 
-    def keep_first_checkpoint(obj, path, text=False):
-        save(obj, path, text)
+    def keep_first_checkpoint(obj, path):
+        save(obj, path)
         if not first.exists():  # the checkpoint written after epoch 1, kept as it was
             first.mkdir()
             shutil.copy(path, first / "checkpoint.pt")
@@ -353,6 +444,27 @@ def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enoug
     epoch1 = run(*two, "--out", str(first), "--eval-only")
     assert (epoch1["per_class_acc"] == metrics["per_class_acc"]) == enough_val
     assert (epoch1["heads"] == metrics["heads"]) == enough_val
+
+
+def test_val_score_is_the_fused_predictions_balanced_accuracy():
+    """The epoch a run keeps is chosen by the fused prediction, not by one of its heads: with heads
+    and a gate that make the three disagree, val_score is the fused one's balanced accuracy."""
+    model = scilt.SciLT(tiny_vit(), [5, 3, 2]).eval()
+    labels = torch.arange(3).repeat(20)
+    images = torch.randn(60, 3, 32, 32) + labels[:, None, None, None] * torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model.init_heads(model.features(images), labels)
+        model.heads[1].weight.copy_(model.heads[1].weight[[1, 2, 0]])  # a head that is wrong
+        model.gate.normal_(std=2)
+    args = argparse.Namespace(batch_size=16, workers=0)
+    val = train.make_loader(torch.utils.data.TensorDataset(images, labels), args, torch.device("cpu"))
+    score, _ = train.val_score(model, val, [5, 3, 2], torch.device("cpu"))
+    with torch.no_grad():
+        out = model.eval()(images)
+    balanced = [scilt.long_tail_metrics(s.argmax(1), labels, [5, 3, 2])["balanced_acc"]
+                for s in (out.logits, *out.levels)]
+    assert len(set(balanced)) == 3  # the heads disagree: the test can tell them apart
+    assert score == pytest.approx(balanced[0])
 
 
 def test_val_can_choose_the_epoch_only_with_enough_images_of_every_class():
