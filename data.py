@@ -205,46 +205,6 @@ class Loader(DataLoader):
             yield batch
 
 
-def hidden(path, top):
-    """Whether `path` lies in a hidden or __MACOSX folder below `top`."""
-    folders = path.relative_to(top).parts[:-1]
-    return any(part.startswith(".") or part == "__MACOSX" for part in folders)
-
-
-def find_images(paths):
-    """The files named in `paths` and every image file (by suffix) under the folders among them,
-    sorted."""
-    found = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise DataError(f"{path} does not exist: expected image files or folders of them")
-        if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if is_image(p) and not hidden(p, path))
-        else:
-            found.append(path)
-    if not found:
-        raise DataError(f"no image under {' '.join(map(str, paths))}: expected files ending in "
-                        f"{', '.join(sorted(IMAGE_SUFFIXES))}")
-    return found
-
-
-class ImageFiles(Dataset):
-    """Images to classify: (image, error). A file that cannot be read gives a blank image and its
-    one-line error, so that it becomes one row of the result rather than the end of a long job."""
-
-    def __init__(self, paths, transform, img_size):
-        self.paths, self.transform, self.img_size = list(paths), transform, img_size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return self.transform(open_image(self.paths[i], round(self.img_size / 0.875))), ""
-        except DataError as error:
-            return torch.zeros(3, self.img_size, self.img_size), str(error)
-
-
 # --------------------------------------------------------------------------------------------------
 # The long-tailed protocol and the splits.
 

@@ -18,7 +18,48 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import scilt  # noqa: E402
 import train  # noqa: E402
-from data import DataError, ImageFiles, Loader, find_images, make_transform  # noqa: E402
+from data import (IMAGE_SUFFIXES, DataError, Loader, is_image, make_transform,  # noqa: E402
+                  open_image)
+
+
+def hidden(path, top):
+    """Whether `path` lies in a hidden or __MACOSX folder below `top`."""
+    folders = path.relative_to(top).parts[:-1]
+    return any(part.startswith(".") or part == "__MACOSX" for part in folders)
+
+
+def find_images(paths):
+    """The files named in `paths` and every image file (by suffix) under the folders among them,
+    sorted."""
+    found = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"{path} does not exist: expected image files or folders of them")
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if is_image(p) and not hidden(p, path))
+        else:
+            found.append(path)
+    if not found:
+        raise DataError(f"no image under {' '.join(map(str, paths))}: expected files ending in "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))}")
+    return found
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images to classify: (image, error). A file that cannot be read gives a blank image and its
+    one-line error, so that it becomes one row of the result rather than the end of a long job."""
+
+    def __init__(self, paths, transform, img_size):
+        self.paths, self.transform, self.img_size = list(paths), transform, img_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(open_image(self.paths[i], round(self.img_size / 0.875))), ""
+        except DataError as error:
+            return torch.zeros(3, self.img_size, self.img_size), str(error)
 
 
 def parse_args(argv=None):
@@ -46,9 +87,7 @@ def load_run(out, device, weights=None):
     trained.eval_only = True
     counts = checkpoint.get("class_counts", [1] * len(checkpoint["classes"]))  # older: none
     model = train.build_model(trained, counts)
-    train.check_flags(checkpoint, path, trained, len(model.backbone.blocks))
-    kept = checkpoint["state"]["best"] or checkpoint["model"]
-    train.load_trained(model, {"model": kept}, path)
+    train.restore(model, checkpoint, path, trained, kept=True)
     return model.to(device).eval(), trained, checkpoint["classes"]
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+import predict
 from data import DataError, load_data
 
 NIH_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
@@ -335,8 +336,8 @@ def test_an_image_over_pillows_pixel_limit_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice this
     with pytest.raises(DataError, match="huge.png is larger than Pillow's limit of 2,000 pixels"):
         data.open_image(tmp_path / "huge.png")
-    files = data.ImageFiles([tmp_path / "huge.png"], data.make_transform(16, (0.5,) * 3,
-                                                                         (0.5,) * 3), 16)
+    transform = data.make_transform(16, (0.5,) * 3, (0.5,) * 3)
+    files = predict.ImageFiles([tmp_path / "huge.png"], transform, 16)
     image, error = files[0]  # prediction: a row with the error, not the end of the job
     assert image.shape == (3, 16, 16) and "larger than Pillow's limit" in error
 
@@ -370,7 +371,7 @@ def test_folders_skip_what_macos_and_notebooks_leave_and_take_torchvisions_suffi
     assert {f"train/cats/more{s}" for s in (".webp", ".ppm", ".pgm")} <= train_items
     assert not any("._" in item or "Thumbs" in item for item in train_items)
     assert all(image.shape == (3, 16, 16) for image, _ in d.train_eval)
-    found = {p.name for p in data.find_images([tmp_path])}
+    found = {p.name for p in predict.find_images([tmp_path])}
     assert {"more.webp", "more.ppm", "more.pgm"} <= found
     assert not found & {"._0.jpg", "x.jpg", "Thumbs.db", ".DS_Store"}
 
