@@ -7,11 +7,12 @@
     torchrun --nproc_per_node=4 train.py --data nih                # one process per GPU
     python train.py --out runs/x --resume          # continue run x; --eval-only re-evaluates it
 
-Writes to --out: metrics.json and report.png (report.py makes them), checkpoint.pt (LoRA, heads,
-gate, optimizer and arguments: not the frozen backbone) and splits.csv (the exact train / val / test
-images). A finished run is used by scripts/predict.py and scripts/export.py.
+Writes to --out: metrics.json and report.png (report.py), checkpoint.pt (LoRA, heads, gate,
+optimizer and arguments: not the frozen backbone) and splits.csv (the exact train / val / test
+images). scripts/predict.py and scripts/export.py use a finished run.
 """
 import argparse
+import functools
 import hashlib
 import math
 import os
@@ -72,10 +73,8 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def by_kind(key):
-    """--help's words for what a flag left out becomes, per kind of model."""
-    kinds = {"tiny": "with --model tiny", "vit": "with a timm ViT",
-             "natural": "on the natural-image sets"}
+def by_kind(key):  # --help's words for what a flag left out becomes, per kind of model
+    kinds = {"tiny": "with --model tiny", "vit": "with a timm ViT", "natural": "on natural sets"}
     return "default " + ", ".join(f"{DEFAULTS[k][key]:g} {words}" for k, words in kinds.items())
 
 
@@ -97,7 +96,8 @@ def parse_args(argv=None, job=None):
     p.add_argument("--method", default="scilt", choices=scilt.METHODS, help="default scilt; final "
                    "and penultimate train one level's head alone")
     p.add_argument("--fusion", default="class", choices=scilt.FUSIONS,
-                   help="a learned per-class gate over the levels (default), or equal weights")
+                   help="class: a learned per-class gate over the levels' scores (default); "
+                   "feature: a per-channel gate over their features; fixed: equal weights")
     p.add_argument("--blocks", type=int, nargs="+", default=[-2, -1],
                    help="the levels scilt fuses: blocks 1..N, or -1 (N), -2 (N-1); default -2 -1")
     p.add_argument("--lora-rank", type=int, default=8, help="r, with alpha = r; default 8")
@@ -112,11 +112,10 @@ def parse_args(argv=None, job=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--eval-only", action="store_true", help="re-evaluate the run in --out")
     args = p.parse_args(argv)
-    data_kind = "natural" if args.data in NATURAL else "scientific"
-    if args.data == "synthetic":
-        data_kind = "synthetic"
+    natural = args.data in NATURAL
+    data_kind = "natural" if natural else "synthetic" if args.data == "synthetic" else "scientific"
     args.model = args.model or DEFAULT_MODEL[data_kind]
-    kind = "tiny" if args.model == "tiny" else "natural" if data_kind == "natural" else "vit"
+    kind = "tiny" if args.model == "tiny" else "natural" if natural else "vit"
     defaults = dict(DEFAULTS[kind], epochs=20) if args.data == "inat2018" else DEFAULTS[kind]
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -146,23 +145,6 @@ def normalisation(model):
     return tuple(getattr(config, "mean", (0.5,) * 3)), tuple(getattr(config, "std", (0.5,) * 3))
 
 
-def weights_digest(args):
-    """The SHA-256 of the backbone's weights file (None for weights from timm's hub): a run is
-    resumed, re-evaluated or used only on the very weights it was trained on, wherever they lie."""
-    path = args.weights or (TINY_WEIGHTS if args.model == "tiny" else None)
-    if path is None or not os.path.isfile(path):
-        return None
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def levels(args, depth):
-    """The blocks (1..N) a run's model reads, however --blocks spelled them."""
-    asked = {"scilt": getattr(args, "blocks", None) or [-2, -1], "final": [-1],
-             "penultimate": [-2]}[args.method]
-    return sorted({b if b > 0 else depth + 1 + b for b in asked})
-
-
 def load_backbone(args):
     """The backbone the flags name, pretrained: from timm's hub, or from --weights (a .safetensors
     or .pth state dict, loaded as timm loads the hub's: head dropped, position embeddings resized
@@ -190,7 +172,7 @@ def load_backbone(args):
                     "download them where there is and pass --weights FILE") from None
 
 
-def count_parameters(model):
+def count_parameters(model):  # (trainable, all)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
@@ -357,13 +339,24 @@ def load_checkpoint(path, classes=None):
     return checkpoint
 
 
-def load_trained(model, checkpoint, path):
-    """What training changed (LoRA, heads, gate, scales) into a model built from the same flags."""
-    unexpected = model.load_state_dict(checkpoint["model"], strict=False).unexpected_keys
-    if unexpected:
-        raise Abort(f"checkpoint {path} holds {', '.join(unexpected[:3])}, which this model lacks: "
-                    "it was written by another version of train.py; train it again into another "
-                    "--out")
+@functools.lru_cache
+def sha256(path):
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def weights_digest(args):
+    """The SHA-256 of the backbone's weights file (None for timm's hub): a run is resumed,
+    re-evaluated or used only on the very weights it was trained on, wherever they lie."""
+    path = args.weights or (TINY_WEIGHTS if args.model == "tiny" else None)
+    return sha256(str(path)) if path is not None and os.path.isfile(path) else None
+
+
+def levels(args, depth):
+    """The blocks (1..N) a run's model reads, however --blocks spelled them."""
+    asked = {"scilt": getattr(args, "blocks", None) or [-2, -1], "final": [-1],
+             "penultimate": [-2]}[args.method]
+    return sorted({b if b > 0 else depth + 1 + b for b in asked})
 
 
 def flag_values(values, flags):
@@ -373,12 +366,13 @@ def flag_values(values, flags):
     return " ".join(f"--{flag.replace('_', '-')} {shown(values.get(flag))}" for flag in flags)
 
 
-def check_flags(checkpoint, path, args, depth):
-    """One line if this run's flags differ from those the checkpoint was trained with: what makes
-    the model (the backbone's weights by content, the levels however spelled), and on --resume
-    what shapes the learning-rate schedule, the number of processes included."""
+def restore(model, checkpoint, path, args, optimizer=None, kept=False):
+    """What training changed (LoRA, heads, gate, scales: of the last epoch, or of the one the run
+    kept) into a model built from this run's flags, and the optimizer's state, once the flags are
+    found to be those it was trained with: what makes the model (the backbone's weights by content,
+    the levels however spelled), and on --resume what shapes the schedule (processes included)."""
     flags = MODEL_FLAGS + (() if args.eval_only else SCHEDULE_FLAGS)
-    was, asked = dict(checkpoint["args"]), vars(args).copy()
+    was, asked, depth = dict(checkpoint["args"]), vars(args).copy(), len(model.backbone.blocks)
     differ = [flag for flag in flags if was.get(flag) != asked.get(flag)]
     was["blocks"], asked["blocks"] = levels(argparse.Namespace(**was), depth), levels(args, depth)
     if not differ and was["blocks"] != asked["blocks"]:
@@ -397,13 +391,15 @@ def check_flags(checkpoint, path, args, depth):
         raise Abort(f"checkpoint {path} was trained by {processes} process(es), but this run has "
                     f"{world()}: the steps per epoch, and so the schedule, would change; resume it "
                     f"with torchrun --nproc_per_node={processes}")
-
-
-def restore(model, optimizer, checkpoint, path, args):
-    """Load a checkpoint into the model (and optimizer) after check_flags()."""
-    check_flags(checkpoint, path, args, len(model.backbone.blocks))
-    load_trained(model, checkpoint, path)
-    if not args.eval_only:
+    state = checkpoint["model"]
+    if kept and checkpoint["state"]["best"] is not None:
+        state = checkpoint["state"]["best"]
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise Abort(f"checkpoint {path} holds {', '.join(unexpected[:3])}, which this model lacks: "
+                    "it was written by another version of train.py; train it again into another "
+                    "--out")
+    if optimizer is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
 
 
@@ -451,7 +447,7 @@ def run(args):
                "val": make_loader(data.val, args, device),
                "test": make_loader(data.test, args, device)}
     if continuing:
-        restore(model, optimizer, checkpoint, checkpoint_path, args)
+        restore(model, checkpoint, checkpoint_path, args, None if args.eval_only else optimizer)
         state = checkpoint["state"]
         log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done, "
             f"epoch {state['best_epoch']} kept")
