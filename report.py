@@ -186,8 +186,9 @@ def fusion_val_correlation(a, val, counts):
     accuracy minus the final head's: does a class lean on the level that serves it better?"""
     pen = head_metrics(val.predicted["penultimate"], val.labels, counts)["per_class_acc"]
     fin = head_metrics(val.predicted["final"], val.labels, counts)["per_class_acc"]
-    held = [k for k, p in enumerate(pen.values()) if p is not None]  # classes val has
-    gain = [list(pen.values())[k] - list(fin.values())[k] for k in held]
+    pen, fin = list(pen.values()), list(fin.values())
+    held = [k for k, p in enumerate(pen) if p is not None]  # the classes val has
+    gain = [pen[k] - fin[k] for k in held]
     if len(held) < 2 or a[held].std() == 0 or np.std(gain) == 0:
         return None
     return float(np.corrcoef(a[held].numpy(), gain)[0, 1])
@@ -208,7 +209,7 @@ def report(model, test, val, train, data, before):
     weights = model.level_weights().detach().cpu()  # (K, L)
     a = 1 - weights[:, names.index("final")] if "final" in names else torch.ones(len(classes))
     correlation = None
-    if "penultimate" in names and "final" in names:
+    if "penultimate" in names and "final" in names and model.fusion == "class":  # a per class
         correlation = fusion_val_correlation(a, val, data.class_counts)
     train_balanced = head_metrics(train.predicted["fused"], train.labels,
                                   data.class_counts)["balanced_acc"]

@@ -254,13 +254,13 @@ class SciLT(nn.Module):
         """The heads begin as nearest-class-mean classifiers on the (un-augmented) training
         features h, one (N, D) per level, with the shared cosine scale that minimises this step-0
         model's training loss: a temperature that changes no prediction."""
-        heads = [*self.heads, *([self.fused_head] if self.fused_head else [])]
-        if self.fused_head:
-            h = [*h, self.fused_features(*h)]  # its class means are those of the fused features
-        for head, h_l in zip(heads, h):
+        heads, features = list(self.heads), list(h)
+        if self.fused_head is not None:  # its rows: the class means of the fused features
+            heads.append(self.fused_head)
+            features.append(self.fused_features(*h))
+        for head, h_l in zip(heads, features):
             head.set_class_means(h_l, labels)
             head.scale.fill_(1.0)
-        h = h[:len(self.heads)]
         if len(labels) > max_images:  # one number needs no more: a seeded subset
             keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
             keep = keep[:max_images]

@@ -157,15 +157,19 @@ def test_add_lora_targets_and_freezing():
         scilt.add_lora(tiny_vit(), targets=("nonexistent",))
 
 
-@pytest.mark.parametrize("method", scilt.METHODS)
-def test_gradients_reach_exactly_the_trainable_parameters(method):
-    model, _ = build(method)
+@pytest.mark.parametrize("method, fusion", [(m, "class") for m in scilt.METHODS]
+                         + [("scilt", "feature"), ("scilt", "fixed")])
+def test_gradients_reach_exactly_the_trainable_parameters(method, fusion):
+    model, _ = build(method, fusion=fusion)
     randomize_lora(model)  # so that lora_A's gradient is not zero by construction
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()
+                     if not p.requires_grad}
     out = model(torch.randn(6, 3, 32, 32))
     model.loss(out, torch.tensor([0, 1, 2, 3, 4, 0])).backward()
+    learns = ["lora_A", "lora_B"]  # LoRA, every head, and a gate where one learns
     expected = {n for n, p in model.named_parameters()
-                if n.endswith(("lora_A", "lora_B")) or n.startswith("heads.") or (n, method) == ("gate", "scilt")}
+                if n.endswith(tuple(learns)) or n.startswith(("heads.", "fused_head."))
+                or (n == "gate" and method == "scilt" and fusion != "fixed")}
     if method == "penultimate":  # the last block's output never reaches the loss
         expected = {n for n in expected if not n.startswith(f"backbone.blocks.{len(model.backbone.blocks) - 1}.")}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}

@@ -96,6 +96,18 @@ def test_ablations(tmp_path, method):
     assert set(metrics["fusion_weights"].values()) == {0.0 if method == "final" else 1.0}
 
 
+def test_feature_fusion_runs_end_to_end(tmp_path):
+    metrics = run(*FAST, "--fusion", "feature", "--out", str(tmp_path))
+    assert metrics["heads"]["fused"]["balanced_acc"] == metrics["balanced_acc"]
+    assert len(set(metrics["fusion_weights"].values())) == 1  # the channels' mean, every class
+    assert metrics["fusion_val_correlation"] is None  # no per-class a to correlate
+    r = metrics["rademacher"]["classes"]
+    assert r["fused"]["estimate"] != pytest.approx(r["penultimate"]["estimate"])  # its own class
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["model"]["gate"].shape == (96, 2) and "fused_head.weight" in checkpoint["model"]
+    assert checkpoint["model"]["fused_head.scale"] == checkpoint["model"]["heads.0.scale"]
+
+
 def test_blocks_fuses_any_set_of_levels(tmp_path, capsys):
     metrics = run(*FAST, "--blocks", "1", "-2", "-1", "--out", str(tmp_path / "three"))
     assert [name for name, head in metrics["heads"].items() if head] == \
