@@ -1,37 +1,46 @@
 """The README's results tables, over seeds and generated data sets:
 
-    python scripts/table.py [--sets ...] [--seeds 0 1 2] [--fusions | --analyze-only] [--tag T]
+    python scripts/table.py [--sets ...] [--seeds 0 1 2] [--jobs 2] [--tag T]
                             [-- train.py flags, e.g. --weights fractal_vit.safetensors]
 
-Four generated data sets of different character, each trained with `python train.py` at its
-defaults into runs/table/<tag or default>/<set>/<run>-<seed>; a run already there is reused. Per
-set: the per-block table of the frozen stand-in (scripts/analyze.py: best block per column, the
-pair recommended on val), then the model at step 0 (`start`), a linear probe on the frozen features
-(`probe`), --method final, penultimate and scilt, and scilt on the recommended levels: mean ±
-sample standard deviation over seeds, each method's gain over the better of start and probe,
-paired by seed, and every scilt run's fused prediction against its own heads.
+Five generated data sets of different character, each trained with `python train.py` at its
+defaults into runs/table/<tag or default>/<set>/<run>-<seed>; a run already there is reused (one
+cut short starts again), and --jobs runs go side by side, one thread each. Per set: the frozen
+stand-in per block (scripts/analyze.py: best block per column, the pair recommended on val), then
+the model at step 0 (`start`), a linear probe on the frozen features (`probe`), --method final and
+penultimate, and scilt with each --fusion kept: mean ± sample standard deviation over seeds, each
+method's gain over the better of start and probe and over the better single level, paired by
+seed, and every scilt run's fused prediction against its own heads.
 
   embedded  the embedded default (--data synthetic): 10 cell types, 400 -> 4 images, 48 -> 32 px
   small     460 images (135 -> 7; a tenth kept for val), 10 types at 32 px, PNG files (folder)
   res48     6 cell types drawn at 64 px and seen at 48 px, 300 -> 15, a MedMNIST-style .npz
   large     2,478 training images (1,000 -> 10), 10 types, .npz
+  fractal   10 fractals the fractal stand-in never saw (100 -> 5), 32 px, .npz: another kind of
+            image, where the fractal stand-in's frozen probe is strong and the training set small
 """
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import pretrain_tiny  # noqa: E402
 
 OUT = ROOT / "runs" / "table"
 COLUMNS = ("balanced_acc", "many", "medium", "few")
+FUSIONS = ("class", "feature")  # scilt's rows: the default first
 
 
 def draw(labels, seed, size):
@@ -48,35 +57,106 @@ def write_folder(root, types, train_counts, test_per_class, size, seed=100):
             Image.fromarray(image).save(folder / f"{i:05d}.png")
 
 
-def write_npz(path, types, train_counts, val_per_class, test_per_class, size, seed=200):
+def write_npz(path, names, draw_split, train_counts, val_per_class, test_per_class):
+    """A MedMNIST-style .npz: draw_split(split, labels) -> images (N, H, W, 3)."""
     arrays = {}
-    for split, counts in (("train", train_counts), ("val", [val_per_class] * len(types)),
-                          ("test", [test_per_class] * len(types))):
-        labels = np.repeat(np.arange(len(types)), counts)
-        arrays[f"{split}_images"] = draw(np.asarray(types)[labels], seed + len(split), size)
+    for split, counts in (("train", train_counts), ("val", [val_per_class] * len(names)),
+                          ("test", [test_per_class] * len(names))):
+        labels = np.repeat(np.arange(len(names)), counts)
+        arrays[f"{split}_images"] = draw_split(split, labels)
         arrays[f"{split}_labels"] = labels[:, None]
-    names = [data.cell_name(*data.CELL_TYPES[t]) for t in types]
+    path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, classes=np.array(names), **arrays)
+
+
+def write_cells(path, types, train_counts, size, seed=200):
+    names = [data.cell_name(*data.CELL_TYPES[t]) for t in types]
+
+    def draw_split(split, labels):
+        return draw(np.asarray(types)[labels], seed + len(split), size)
+
+    write_npz(path, names, draw_split, train_counts, 20, 80)
+
+
+def write_fractals(path):
+    """10 fractal classes of another seed than the stand-in's 50, rendered with twice the jitter."""
+    systems, rng = pretrain_tiny.fractal_classes(10, seed=7), np.random.default_rng(300)
+
+    def draw_split(split, labels):
+        return pretrain_tiny.render([systems[k] for k in labels], rng, jitter=0.06)
+
+    counts = data.long_tail_counts(100, 10, 20)
+    write_npz(path, [f"fractal{k}" for k in range(10)], draw_split, counts, 20, 80)
 
 
 def make_sets():
     """name -> train.py flags; writes the generated files once."""
-    sets = {"embedded": []}
-    small = OUT / "data" / "small"
-    if not small.exists():
-        write_folder(small, list(range(10)), data.long_tail_counts(135, 10, 20), 50, size=32)
-    sets["small"] = ["--data", "folder", "--data-root", str(small), "--model", "tiny"]
-    res48 = OUT / "data" / "res48.npz"
-    if not res48.exists():
-        res48.parent.mkdir(parents=True, exist_ok=True)
-        write_npz(res48, [0, 2, 3, 5, 6, 9], data.long_tail_counts(300, 6, 20), 20, 80, size=64)
-    sets["res48"] = ["--data", "npz", "--data-root", str(res48), "--model", "tiny",
-                     "--img-size", "48"]
-    large = OUT / "data" / "large.npz"
-    if not large.exists():
-        write_npz(large, list(range(10)), data.long_tail_counts(1000, 10, 100), 20, 80, size=48)
-    sets["large"] = ["--data", "npz", "--data-root", str(large), "--model", "tiny"]
-    return sets
+    files = OUT / "data"
+    if not (files / "small").exists():
+        write_folder(files / "small", list(range(10)), data.long_tail_counts(135, 10, 20), 50, 32)
+    if not (files / "res48.npz").exists():
+        write_cells(files / "res48.npz", [0, 2, 3, 5, 6, 9], data.long_tail_counts(300, 6, 20), 64)
+    if not (files / "large.npz").exists():
+        write_cells(files / "large.npz", list(range(10)), data.long_tail_counts(1000, 10, 100), 48)
+    if not (files / "fractal.npz").exists():
+        write_fractals(files / "fractal.npz")
+    npz = ["--data", "npz", "--model", "tiny", "--data-root"]
+    return {"embedded": [],
+            "small": ["--data", "folder", "--model", "tiny", "--data-root", str(files / "small")],
+            "res48": [*npz, str(files / "res48.npz"), "--img-size", "48"],
+            "large": [*npz, str(files / "large.npz")],
+            "fractal": [*npz, str(files / "fractal.npz")]}
+
+
+class Runs:
+    """Every run a table needs: run_all() trains what is missing, side by side; result() reads."""
+
+    def __init__(self, sets, tag, flags):
+        self.sets, self.tag, self.flags, self.missing = sets, tag or "default", flags, []
+
+    def folder(self, name, label, seed):
+        return OUT / self.tag / name / f"{label}-{seed}"
+
+    def need(self, name, label, seed, flags=(), analyze=False):
+        out = self.folder(name, label, seed)
+        if not (out / ("layers.json" if analyze else "metrics.json")).exists():
+            if out.exists():  # a run cut short: it starts again
+                shutil.rmtree(out)
+            program = "scripts/analyze.py" if analyze else "train.py"
+            self.missing.append([sys.executable, program, *self.sets[name], "--seed", str(seed),
+                                 "--out", str(out), *flags, *self.flags])
+
+    def run_all(self, jobs):
+        environment = dict(os.environ, OMP_NUM_THREADS="1") if jobs > 1 else None
+
+        def run(command):
+            print(" ".join(command[1:]), file=sys.stderr, flush=True)
+            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+                           env=environment)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(run, self.missing))
+
+    def result(self, name, label, seed, analyze=False):
+        out = self.folder(name, label, seed)
+        return json.loads((out / ("layers.json" if analyze else "metrics.json")).read_text())
+
+    def val(self, name, label, seed):
+        """The val balanced accuracy of the epoch the run kept: what chooses between fusions."""
+        checkpoint = self.folder(name, label, seed) / "checkpoint.pt"
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["state"]["best_val"]
+
+
+RUNS = {"final": ["--method", "final"], "penultimate": ["--method", "penultimate"],
+        **{f"scilt {f}": ["--fusion", f] for f in FUSIONS}}
+
+
+def plan(runs, names, seeds):
+    for name in names:
+        for seed in seeds:
+            runs.need(name, "analyze", seed, analyze=True)
+            for label, flags in RUNS.items():
+                runs.need(name, label.replace(" ", "-"), seed, flags)
 
 
 def cell(values):
@@ -85,24 +165,6 @@ def cell(values):
         return "-"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.1f} ± {spread:.1f}"
-
-
-def run_once(name, label, seed, tag, flags, sets, analyze=False):
-    """metrics.json (layers.json) of `python train.py <set flags> --seed S <flags>` (of
-    scripts/analyze.py), run if missing."""
-    out = OUT / (tag or "default") / name / f"{label}-{seed}"
-    result = out / ("layers.json" if analyze else "metrics.json")
-    if not result.exists():
-        program = "scripts/analyze.py" if analyze else "train.py"
-        command = [sys.executable, program, *sets[name], "--seed", str(seed), "--out", str(out),
-                   *flags]
-        print(" ".join(command[1:]), file=sys.stderr, flush=True)
-        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(result.read_text())
-
-
-def runs_of(name, method, seeds, tag, flags, sets):
-    return [run_once(name, method, seed, tag, ["--method", method, *flags], sets) for seed in seeds]
 
 
 def print_analysis(name, analyses):
@@ -128,98 +190,71 @@ def print_analysis(name, analyses):
     print("\nrecommended on val, by seed: " + ", ".join(pairs))
 
 
-def analyses_of(name, args, flags, sets):
-    return [run_once(name, "analyze", seed, args.tag, flags, sets, analyze=True)
-            for seed in args.seeds]
+def own_heads(run):
+    return [m["balanced_acc"] for h, m in run["heads"].items()
+            if m and h not in ("start", "probe", "fused")]
 
 
-def fused_gain(run, pick=max):
-    """The fused prediction's balanced accuracy minus that of the best (pick=min: worst) of the
-    run's own level heads."""
-    heads = run["heads"]
-    levels = [m["balanced_acc"] for h, m in heads.items()
-              if m and h not in ("start", "probe", "fused")]
-    return heads["fused"]["balanced_acc"] - pick(levels)
-
-
-def print_heads(method, runs):
-    """Every run: the fused prediction against its own heads."""
-    shown = []
-    for r in runs:
-        heads = (f"{head} {100 * m['balanced_acc']:.1f}" for head, m in r["heads"].items()
-                 if m and head not in ("start", "probe"))
-        shown.append(", ".join(heads))
-    print(f"\n{method}, balanced accuracy of each run's heads ({'; '.join(shown)})")
-    print(f"fused − its better head: {cell([fused_gain(r) for r in runs])}; "
-          f"fused − its worse head: {cell([fused_gain(r, min) for r in runs])}")
-
-
-def print_table(name, args, flags, sets):
-    analyses = analyses_of(name, args, flags, sets)
-    print_analysis(name, analyses)
-    runs = {method: runs_of(name, method, args.seeds, args.tag, flags, sets)
-            for method in args.methods}
-    default = [len(analyses[0]["layers"]) - 1, len(analyses[0]["layers"])]
-    recommended = []
-    for seed, analysis, scilt_run in zip(args.seeds, analyses, runs["scilt"]):
-        blocks = analysis["recommended"]["blocks"]
-        if blocks == default:  # the default's run where the default is recommended
-            recommended.append(scilt_run)
-        else:
-            recommended.append(run_once(name, "scilt-recommended", seed, args.tag,
-                                        ["--blocks", *map(str, blocks), *flags], sets))
-    runs["scilt, recommended levels"] = recommended
-    rows = {row: [r["heads"][row] for r in runs["scilt"]] for row in ("start", "probe")}
-    rows.update({method: [r["heads"]["fused"] for r in rs] for method, rs in runs.items()})
-    bar = [max(s["balanced_acc"], q["balanced_acc"]) for s, q in zip(rows["start"], rows["probe"])]
-    images = sum(runs["scilt"][0]["class_counts"].values())
-    print(f"\n{name} ({images} training images, seeds {' '.join(map(str, args.seeds))})\n")
-    print(f"| | {' | '.join(c.removesuffix('_acc') for c in COLUMNS)} | balanced − max(start, "
-          "probe) |")
-    print("|---" * (len(COLUMNS) + 2) + "|")
+def print_table(name, runs, seeds):
+    """The per-block analysis, the rows of every method, each fused prediction against its heads;
+    returns the row of the summary."""
+    print_analysis(name, [runs.result(name, "analyze", seed, analyze=True) for seed in seeds])
+    results = {label: [runs.result(name, label.replace(" ", "-"), seed) for seed in seeds]
+               for label in RUNS}
+    val = {label: [runs.val(name, label.replace(" ", "-"), seed) for seed in seeds]
+           for label in RUNS}
+    first = results[f"scilt {FUSIONS[0]}"]
+    rows = {row: [r["heads"][row] for r in first] for row in ("start", "probe")}
+    rows.update({label: [r["heads"]["fused"] for r in rs] for label, rs in results.items()})
+    bars = {"max(start, probe)": [max(s["balanced_acc"], p["balanced_acc"])
+                                  for s, p in zip(rows["start"], rows["probe"])],
+            "better single level": [max(f["balanced_acc"], p["balanced_acc"])
+                                    for f, p in zip(rows["final"], rows["penultimate"])]}
+    images = sum(first[0]["class_counts"].values())
+    print(f"\n{name} ({images} training images, seeds {' '.join(map(str, seeds))})\n")
+    print(f"| | val balanced | {' | '.join(c.removesuffix('_acc') for c in COLUMNS)} | "
+          f"{' | '.join(f'balanced − {bar}' for bar in bars)} |")
+    print("|---" * (len(COLUMNS) + 2 + len(bars)) + "|")
     for row, metrics in rows.items():
-        gain = cell([m["balanced_acc"] - b for m, b in zip(metrics, bar)]) if row in runs else ""
-        print(f"| {row} | {' | '.join(cell([m[c] for m in metrics]) for c in COLUMNS)} | {gain} |")
-    for method in ("scilt", "scilt, recommended levels"):
-        print_heads(method, runs[method])
+        gains = [cell([m["balanced_acc"] - b for m, b in zip(metrics, bar)]) if row in results
+                 else "" for bar in bars.values()]
+        on_val = cell(val[row]) if row in val else ""
+        print(f"| {row} | {on_val} | {' | '.join(cell([m[c] for m in metrics]) for c in COLUMNS)} "
+              f"| {' | '.join(gains)} |")
+    for fusion in FUSIONS:  # every run: the fused prediction against its own heads
+        scilt_runs = results[f"scilt {fusion}"]
+        shown = ["; ".join(f"{h} {100 * m['balanced_acc']:.1f}" for h, m in r["heads"].items()
+                           if m and h not in ("start", "probe")) for r in scilt_runs]
+        better = [r["balanced_acc"] - max(own_heads(r)) for r in scilt_runs]
+        worse = [r["balanced_acc"] - min(own_heads(r)) for r in scilt_runs]
+        print(f"\nscilt {fusion}, each run's heads: {' | '.join(shown)}\n"
+              f"fused − its better head: {cell(better)}; fused − its worse head: {cell(worse)}")
+    default = results[f"scilt {FUSIONS[0]}"]
+    summary = [cell([m["balanced_acc"] for m in rows[row]]) for row in rows]
+    return summary + [cell([r["balanced_acc"] - max(own_heads(r)) for r in default])]
 
 
-def print_fusions(name, args, flags, sets):
-    """scilt with each --fusion; differences paired by seed against the default (class)."""
-    runs = {}
-    for fusion in ("class", "fixed"):
-        tag = "-".join(filter(None, (args.tag, "fusion", fusion)))
-        runs[fusion] = runs_of(name, "scilt", args.seeds, tag, flags + ["--fusion", fusion], sets)
-    print(f"\n{name}, scilt by fusion (seeds {' '.join(map(str, args.seeds))})\n")
-    print("| fusion | balanced | few | balanced − class | fused − its better head | fused − its "
-          "worse head |\n|---|---|---|---|---|---|")
-    for fusion, rs in runs.items():
-        diff = ""
-        if fusion != "class":
-            diff = cell([r["balanced_acc"] - c["balanced_acc"] for r, c in zip(rs, runs["class"])])
-        print(f"| {fusion} | {cell([r['balanced_acc'] for r in rs])} | "
-              f"{cell([r['few'] for r in rs])} | {diff} | {cell([fused_gain(r) for r in rs])} | "
-              f"{cell([fused_gain(r, min) for r in rs])} |")
+def print_summary(summaries, tag):
+    """One row per set: the README's table."""
+    print(f"\nsummary ({tag or 'default'}): test balanced accuracy, mean ± std over seeds\n")
+    print(f"| set | {' | '.join(['start', 'probe', *RUNS])} | scilt fused − its better head |")
+    print("|---" * (len(RUNS) + 4) + "|")
+    for name, row in summaries.items():
+        print(f"| {name} | {' | '.join(row)} |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sets", nargs="+", default=["embedded", "small", "res48", "large"])
+    p.add_argument("--sets", nargs="+", default=["embedded", "small", "res48", "large", "fractal"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", default=["final", "penultimate", "scilt"])
-    p.add_argument("--fusions", action="store_true", help="compare --fusion class and fixed")
-    p.add_argument("--analyze-only", action="store_true", help="only the per-block tables")
+    p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
     p.add_argument("--tag", default="", help="a sub-folder name for runs with extra train.py flags")
     args, flags = p.parse_known_args()
-    flags = [f for f in flags if f != "--"]
-    sets = make_sets()
-    for name in args.sets:
-        if args.analyze_only:
-            print_analysis(name, analyses_of(name, args, flags, sets))
-        elif args.fusions:
-            print_fusions(name, args, flags, sets)
-        else:
-            print_table(name, args, flags, sets)
+    runs = Runs(make_sets(), args.tag, [f for f in flags if f != "--"])
+    plan(runs, args.sets, args.seeds)
+    runs.run_all(args.jobs)
+    summaries = {name: print_table(name, runs, args.seeds) for name in args.sets}
+    print_summary(summaries, args.tag)
 
 
 if __name__ == "__main__":
