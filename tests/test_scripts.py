@@ -1,4 +1,5 @@
-"""The scripts beside train.py: the per-block analysis, prediction, export and the scale check."""
+"""The scripts beside train.py: the per-block analysis, prediction, export, the post-hoc fusions
+and the scale check."""
 import csv
 import json
 import subprocess
@@ -12,6 +13,7 @@ from PIL import Image
 
 import analyze
 import export
+import fusions
 import predict
 import report
 import scilt
@@ -255,3 +257,22 @@ def test_scale_script_runs_train_py_functions_on_random_features():
     assert set(line["seconds"]) == {"init_heads", "classify", "start_metrics (step 0 and the probe)",
                                     "report (with the Rademacher check)"}
     assert 0 < line["peak_rss_gb"] < 8 and line["images"] == 2000
+
+
+def test_post_hoc_fusions_fit_on_one_half_of_val_and_score_on_the_other():
+    labels = torch.arange(4).repeat(10)  # 40 images, 4 classes
+    right = torch.nn.functional.one_hot(labels, 4).float()
+    wrong = torch.nn.functional.one_hot((labels + 1) % 4, 4).float()
+    logits = torch.stack([wrong, right, wrong], 1)  # (N, gate + 2 heads, K): the penultimate right
+    assert fusions.fit("head on val", logits, labels) == 1
+    assert fusions.fit("shared a on val", logits, labels) > 0.5  # leans on the right head
+    assert fusions.balanced(fusions.fused("gate", logits, None), labels) == 0.0
+    assert fusions.two_fold("head on val", logits, labels) == 1.0
+    average = fusions.fused("average", logits, None)
+    torch.testing.assert_close(average, (right + wrong) / 2)
+    # each head right on one half of val: fitted on one half, a fusion is scored on the other
+    first = torch.zeros(len(labels), dtype=torch.bool)
+    first[np.random.default_rng(0).permutation(len(labels))[:20]] = True  # two_fold's halves
+    on_first, on_second = (torch.where(m[:, None], right, wrong) for m in (first, ~first))
+    logits = torch.stack([wrong, on_first, on_second], 1)
+    assert fusions.two_fold("head on val", logits, labels) == 0.0  # fitted and scored on one: 1.0
