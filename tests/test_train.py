@@ -337,11 +337,13 @@ def test_backbone_from_a_local_weights_file(tmp_path, suffix):
         train.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_nonexistent"}))
 
 
-@pytest.mark.parametrize("method", ["final", "scilt"])
+@pytest.mark.parametrize("method", ["final", "scilt", "feature"])
 def test_start_row_is_the_class_mean_model_at_step_0(tmp_path, method):
     """heads.start, computed here independently: cosine nearest class mean on the frozen features
-    of each level, fused as at step 0 (equal weights, one scale), per class."""
-    metrics = run(*FAST, "--method", method, "--out", str(tmp_path))
+    of each level, fused as at step 0 (equal weights, one scale), per class; with the feature
+    fusion, cosine nearest class mean on the mean of the levels' unit features."""
+    flags = ["--fusion", "feature"] if method == "feature" else ["--method", method]
+    metrics = run(*FAST, *flags, "--out", str(tmp_path))
     data = load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     backbone = train.load_backbone(train.parse_args(FAST)).eval()
 
@@ -356,12 +358,16 @@ def test_start_row_is_the_class_mean_model_at_step_0(tmp_path, method):
     for level_train, level_test in zip(train_h, test_h):
         means = torch.stack([level_train[train_labels == k].mean(0) for k in range(10)])
         scores.append(level_test @ F.normalize(means, dim=-1).T)
+    fused_train, fused_test = (F.normalize(sum(h) / 2, dim=-1) for h in (train_h, test_h))
+    fused_means = torch.stack([fused_train[train_labels == k].mean(0) for k in range(10)])
+    feature = fused_test @ F.normalize(fused_means, dim=-1).T
     expected = {}
-    for name, s in (("final", scores[1]), ("scilt", scores[0] + scores[1])):
+    for name, s in (("final", scores[1]), ("scilt", scores[0] + scores[1]), ("feature", feature)):
         predictions = s.argmax(1).numpy()
         expected[name] = scilt.long_tail_metrics(predictions, test_labels.numpy(),
                                                  data.class_counts, data.classes)
-    assert expected["final"]["per_class_acc"] != expected["scilt"]["per_class_acc"]  # it can tell
+    for other in ("final", "feature"):  # the test can tell them apart
+        assert expected[other]["per_class_acc"] != expected["scilt"]["per_class_acc"]
     start = metrics["heads"]["start"]
     assert start["per_class_acc"] == pytest.approx(expected[method]["per_class_acc"])
     assert start["balanced_acc"] == pytest.approx(expected[method]["balanced_acc"])
