@@ -676,9 +676,10 @@ def draw_cells(labels, rng, size=SYNTHETIC_SIZE):
     return (image.clip(0, 1) * 255).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=2)  # drawn once a process: a resume or a re-evaluation reuses it
 def make_synthetic(seed=0, imbalance_ratio=100):
     """Long-tailed train (SYNTHETIC_MAX images of class 0 down to / imbalance_ratio), balanced val
-    and test."""
+    and test. The images are read-only: every caller shares them."""
     rng = np.random.default_rng(seed)
     classes = [cell_name(*t) for t in CELL_TYPES]
     counts = {"train": long_tail_counts(SYNTHETIC_MAX, len(classes), imbalance_ratio),
@@ -688,6 +689,7 @@ def make_synthetic(seed=0, imbalance_ratio=100):
     # a domain gap, as between a foundation model's data and scientific images: the benchmark's
     # slides are stained with other dyes (colour channels permuted) than the pretraining's
     images = draw_cells(everything, rng)[..., [1, 2, 0]]
+    images.flags.writeable = False
     starts = np.cumsum([0] + [len(split_labels) for split_labels in labels.values()])
     splits = {s: ([str(i) for i in range(starts[j], starts[j + 1])], labels[s].tolist())
               for j, s in enumerate(labels)}

@@ -7,19 +7,15 @@
     torchrun --nproc_per_node=4 train.py --data nih                # one process per GPU
     python train.py --out runs/x --resume          # continue run x; --eval-only re-evaluates it
 
-Writes to --out: metrics.json and report.png (report.py), checkpoint.pt (LoRA, heads, gate,
-optimizer and arguments: not the frozen backbone) and splits.csv (the exact train / val / test
-images). scripts/predict.py and scripts/export.py use a finished run.
+Writes to --out: metrics.json and report.png (report.py), checkpoint.pt (checkpoint.py: LoRA,
+heads, gate, optimizer and arguments, not the frozen backbone) and splits.csv (the exact train /
+val / test images). scripts/predict.py and scripts/export.py use a finished run.
 """
 import argparse
-import functools
-import hashlib
 import math
 import os
-import pickle
 import sys
 import time
-import zipfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Subset
 
+import checkpoint
 import report
 import scilt
 from data import AUGMENTS, DataError, Loader, load_data, write_splits
@@ -57,15 +54,14 @@ TAU = 1.0                # logit adjustment: LA(z, y) = CE(z + tau * log prior, 
 AUX_WEIGHT = 0.5         # lambda of the dual supervision: L = LA(s) + lambda (LA(s_1) + LA(s_2))
 MIN_VAL_PER_CLASS = 10   # a run keeps its val-best epoch where val has this many images of every
                          # class, else its last (lr 0 there): a few images a class pick noise
-# what a checkpoint must agree with on --resume (all) and --eval-only (what makes the model)
-# (besides the backbone's weights, compared by content, and the levels, however spelled)
-MODEL_FLAGS = ("data", "model", "method", "fusion", "lora_rank", "img_size", "imbalance_ratio")
-SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
 TIMEOUT = timedelta(minutes=30)  # under torchrun, how long a process waits for the others
 
 
 class Abort(Exception):
     """A problem with the user's input: one line, exit status 2."""
+
+
+USER_ERRORS = (Abort, checkpoint.CheckpointError, DataError)  # each: one line, exit status 2
 
 
 class Parser(argparse.ArgumentParser):
@@ -170,6 +166,10 @@ def load_backbone(args):
             raise Abort(f"could not load weights file {weights} into {name}: {reason}") from None
         raise Abort(f"could not fetch pretrained weights for {name} ({reason}): without internet, "
                     "download them where there is and pass --weights FILE") from None
+
+
+def weights_file(args):  # the backbone's weights file; None: timm's hub
+    return args.weights or (TINY_WEIGHTS if args.model == "tiny" else None)
 
 
 def count_parameters(model):  # (trainable, all)
@@ -296,111 +296,19 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
         if len(data.val):
             score, by_val = val_score(model, val_loader, data.class_counts, device)
         if not by_val or score > state["best_val"]:
-            state.update(best_val=score, best_epoch=epoch + 1, best=trainable_state(model))
+            state.update(best_val=score, best_epoch=epoch + 1,
+                         best=checkpoint.trainable_state(model))
         kept = f"best {100 * state['best_val']:.1f}%, epoch {state['best_epoch']}"
         if not by_val:
             kept = f"fewer than {MIN_VAL_PER_CLASS} val images of a class: the last epoch is kept"
         if len(data.val):
             log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% ({kept})")
         if not dist.is_initialized() or dist.get_rank() == 0:
-            checkpoint = {"state": state, "model": trainable_state(model), "classes": data.classes,
-                          "class_counts": data.class_counts, "optimizer": optimizer.state_dict(),
-                          "args": vars(args), "weights_sha256": weights_digest(args),
-                          "world_size": world()}
-            save_atomically(checkpoint, checkpoint_path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoints: what learns (LoRA, heads, gate), the optimizer, the run's state and arguments.
-
-def trainable_state(model):
-    """What training changes, and the heads' scale, fitted at step 0."""
-    learned = [(k, v) for k, v in model.named_parameters() if v.requires_grad]
-    scales = [(k, v) for k, v in model.named_buffers() if k.endswith(".scale")]
-    return {k: v.detach().cpu().clone() for k, v in learned + scales}
-
-
-def save_atomically(checkpoint, path):
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-def load_checkpoint(path, classes=None):
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as error:
-        raise Abort(f"cannot read checkpoint {path} ({type(error).__name__}): expected a complete "
-                    "checkpoint.pt written by train.py; it may be truncated") from None
-    if classes is not None and checkpoint["classes"] != classes:
-        raise Abort(f"checkpoint {path} was trained on {len(checkpoint['classes'])} classes "
-                    f"({', '.join(checkpoint['classes'][:4])}, ...), but this data set has "
-                    f"{len(classes)}")
-    return checkpoint
-
-
-@functools.lru_cache
-def sha256(path):
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def weights_digest(args):
-    """The SHA-256 of the backbone's weights file (None for timm's hub): a run is resumed,
-    re-evaluated or used only on the very weights it was trained on, wherever they lie."""
-    path = args.weights or (TINY_WEIGHTS if args.model == "tiny" else None)
-    return sha256(str(path)) if path is not None and os.path.isfile(path) else None
-
-
-def levels(args, depth):
-    """The blocks (1..N) a run's model reads, however --blocks spelled them."""
-    asked = {"scilt": getattr(args, "blocks", None) or [-2, -1], "final": [-1],
-             "penultimate": [-2]}[args.method]
-    return sorted({b if b > 0 else depth + 1 + b for b in asked})
-
-
-def flag_values(values, flags):
-    """--flag value ... of these flags, as a user types them."""
-    def shown(value):
-        return " ".join(map(str, value)) if isinstance(value, list) else value
-    return " ".join(f"--{flag.replace('_', '-')} {shown(values.get(flag))}" for flag in flags)
-
-
-def restore(model, checkpoint, path, args, optimizer=None, kept=False):
-    """What training changed (LoRA, heads, gate, scales: of the last epoch, or of the one the run
-    kept) into a model built from this run's flags, and the optimizer's state, once the flags are
-    found to be those it was trained with: what makes the model (the backbone's weights by content,
-    the levels however spelled), and on --resume what shapes the schedule (processes included)."""
-    flags = MODEL_FLAGS + (() if args.eval_only else SCHEDULE_FLAGS)
-    was, asked, depth = dict(checkpoint["args"]), vars(args).copy(), len(model.backbone.blocks)
-    differ = [flag for flag in flags if was.get(flag) != asked.get(flag)]
-    was["blocks"], asked["blocks"] = levels(argparse.Namespace(**was), depth), levels(args, depth)
-    if not differ and was["blocks"] != asked["blocks"]:
-        differ = ["blocks"]
-    if differ:
-        raise Abort(f"checkpoint {path} was trained with {flag_values(was, differ)}, but this run "
-                    f"asks for {flag_values(asked, differ)}: pass the flags it was trained with, "
-                    "or another --out")
-    trained_on, given = checkpoint.get("weights_sha256"), weights_digest(args)
-    if "weights_sha256" in checkpoint and trained_on != given:
-        raise Abort(f"checkpoint {path} was trained on backbone weights with SHA-256 "
-                    f"{str(trained_on)[:12]}, but this run loads {args.weights or args.model} "
-                    f"({str(given)[:12]}): pass the weights it was trained on, or another --out")
-    processes = checkpoint.get("world_size", world())
-    if not args.eval_only and processes != world():
-        raise Abort(f"checkpoint {path} was trained by {processes} process(es), but this run has "
-                    f"{world()}: the steps per epoch, and so the schedule, would change; resume it "
-                    f"with torchrun --nproc_per_node={processes}")
-    state = checkpoint["model"]
-    if kept and checkpoint["state"]["best"] is not None:
-        state = checkpoint["state"]["best"]
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected:
-        raise Abort(f"checkpoint {path} holds {', '.join(unexpected[:3])}, which this model lacks: "
-                    "it was written by another version of train.py; train it again into another "
-                    "--out")
-    if optimizer is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+            saved = {"state": state, "model": checkpoint.trainable_state(model),
+                     "classes": data.classes, "class_counts": data.class_counts,
+                     "optimizer": optimizer.state_dict(), "args": vars(args),
+                     "weights_sha256": checkpoint.sha256(weights_file(args)), "world_size": world()}
+            checkpoint.save_atomically(saved, checkpoint_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -428,7 +336,7 @@ def run(args):
                      splits=out / "splits.csv" if continuing else None)
     if rank == 0 and world_size > 1:
         dist.barrier()
-    checkpoint = load_checkpoint(checkpoint_path, data.classes) if continuing else None
+    saved = checkpoint.load(checkpoint_path, data.classes) if continuing else None
     model = build_model(args, data.class_counts).to(device)
     trainable, total = count_parameters(model)
     log(f"{args.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test "
@@ -447,8 +355,10 @@ def run(args):
                "val": make_loader(data.val, args, device),
                "test": make_loader(data.test, args, device)}
     if continuing:
-        restore(model, checkpoint, checkpoint_path, args, None if args.eval_only else optimizer)
-        state = checkpoint["state"]
+        weights = checkpoint.sha256(weights_file(args))
+        checkpoint.restore(model, saved, checkpoint_path, args, weights, world_size,
+                           None if args.eval_only else optimizer)
+        state = saved["state"]
         log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done, "
             f"epoch {state['best_epoch']} kept")
     else:
@@ -475,7 +385,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (Abort, DataError) as error:
+    except USER_ERRORS as error:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process says it
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

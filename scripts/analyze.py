@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import report  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
-from data import DataError, load_data  # noqa: E402
+from data import load_data  # noqa: E402
 
 
 @torch.no_grad()
@@ -169,7 +169,7 @@ def main(argv=None):
     args = train.parse_args(argv, job="analysis")
     try:
         return run(args)
-    except (train.Abort, DataError) as error:
+    except train.USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:

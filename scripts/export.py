@@ -87,11 +87,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="the run's folder (train.py's --out)")
     p.add_argument("--weights", help="the backbone's weights file, if not where the run had it")
     args = p.parse_args(argv)
-    from data import DataError
-    from train import Abort
+    from train import USER_ERRORS
     try:
         return export_run(args.out, args.file, args.weights)
-    except (Abort, DataError) as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
 from data import (IMAGE_SUFFIXES, DataError, Loader, is_image, make_transform,  # noqa: E402
@@ -80,15 +81,16 @@ def load_run(out, device, weights=None):
     path = Path(out) / "checkpoint.pt"
     if not path.exists():
         raise train.Abort(f"no checkpoint at {path}: train into that --out first")
-    checkpoint = train.load_checkpoint(path)
-    trained = argparse.Namespace(**checkpoint["args"])
+    saved = checkpoint.load(path)
+    trained = argparse.Namespace(**saved["args"])
     trained.weights = weights or trained.weights
     trained.blocks = getattr(trained, "blocks", [-2, -1])
     trained.eval_only = True
-    counts = checkpoint.get("class_counts", [1] * len(checkpoint["classes"]))  # older: none
+    counts = saved.get("class_counts", [1] * len(saved["classes"]))  # older: none
     model = train.build_model(trained, counts)
-    train.restore(model, checkpoint, path, trained, kept=True)
-    return model.to(device).eval(), trained, checkpoint["classes"]
+    weights_sha256 = checkpoint.sha256(train.weights_file(trained))
+    checkpoint.restore(model, saved, path, trained, weights_sha256, kept=True)
+    return model.to(device).eval(), trained, saved["classes"]
 
 
 def row(path, probabilities, error, classes):
@@ -134,7 +136,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return predict_images(args)
-    except (train.Abort, DataError) as error:
+    except train.USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

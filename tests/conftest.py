@@ -1,5 +1,7 @@
 """Shared test helpers. Tests never leave 127.0.0.1: timm models are built with pretrained=False,
 and data sets download only from the tests' own local server (test_download.py)."""
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch  # noqa: E402
 import scilt  # noqa: E402
 
 
+FAST = ["--img-size", "16", "--epochs", "1"]  # train.py on the embedded default in seconds
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=2)
 
 
@@ -35,3 +38,23 @@ def fails(capsys, main, *argv):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """finished_run(*flags): the folder and printed output of a train.py run with these flags, run
+    once a session and shared by the tests that only read it (copy the folder to change it)."""
+    import train
+
+    runs = {}
+
+    def get(*flags):
+        if flags not in runs:
+            out = tmp_path_factory.mktemp("run") / "run"
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                train.main([*flags, "--out", str(out)])
+            runs[flags] = out, printed.getvalue()
+        return runs[flags]
+
+    return get

@@ -268,7 +268,9 @@ def test_synthetic_is_deterministic_long_tailed_and_balanced():
     torch.manual_seed(0)
     x = a.test[5][0]
     torch.manual_seed(1)
-    torch.testing.assert_close(x, b.test[5][0])  # evaluation transforms are deterministic; the data too
+    torch.testing.assert_close(x, b.test[5][0])  # evaluation transforms are deterministic
+    labels, draw = np.arange(10).repeat(2), data.draw_cells  # and so are the images drawn
+    assert np.array_equal(draw(labels, np.random.default_rng(1)), draw(labels, np.random.default_rng(1)))
     other = data.make_synthetic(seed=1)[1]
     assert other.shape == a.test.source.shape and not np.array_equal(other, a.test.source)
     assert load_data("synthetic", imbalance_ratio=10).class_counts[-1] == 40

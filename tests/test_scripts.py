@@ -18,10 +18,8 @@ import predict
 import report
 import scilt
 import train
-from conftest import ROOT, TINY, fails, tiny_vit
+from conftest import FAST, ROOT, TINY, fails, tiny_vit
 from data import Loader, load_data, make_transform
-
-FAST = ["--img-size", "16", "--epochs", "1"]
 
 
 def run(*argv):
@@ -29,8 +27,9 @@ def run(*argv):
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys):
-    final = run(*FAST, "--method", "final", "--out", str(tmp_path / "final"))
+def test_analyze_per_block_and_its_last_block_is_the_start_row(tmp_path, capsys, finished_run):
+    final_run = finished_run(*FAST, "--method", "final")[0]
+    final = json.loads((final_run / "metrics.json").read_text())
     analyze.main([*FAST, "--out", str(tmp_path / "analysis")])
     printed = capsys.readouterr().out
     analysis = json.loads((tmp_path / "analysis" / "layers.json").read_text())

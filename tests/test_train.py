@@ -16,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
+import report
 import scilt
 import train
 import conftest
-from conftest import tiny_vit
+from conftest import FAST, tiny_vit
 from data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--img-size", "16", "--epochs", "1"]
 SPEC_KEYS = {"overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle", "tail",
              "per_class_acc", "class_counts", "heads", "fusion_weights", "rademacher", "trainable_params",
              "total_params", "train_seconds"}
@@ -43,8 +44,13 @@ def comparable(metrics):
     return {k: v for k, v in metrics.items() if k not in ("train_seconds", "args")}
 
 
-def test_default_run_writes_the_report(tmp_path, capsys):
-    metrics = run(*FAST, "--out", str(tmp_path))
+def metrics_of(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_default_run_writes_the_report(finished_run):
+    out, printed = finished_run(*FAST)
+    metrics = metrics_of(out)
     assert SPEC_KEYS <= set(metrics)
     for key in ("overall_acc", "balanced_acc", "macro_f1", "head", "middle", "tail", "many", "medium", "few"):
         assert 0 <= metrics[key] <= 1
@@ -69,41 +75,41 @@ def test_default_run_writes_the_report(tmp_path, capsys):
     assert estimates["sum"] == pytest.approx(estimates["penultimate"] + estimates["final"])
     assert all(0.75 < c["fraction"] < 1.05 for c in r["classes"].values())
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
-    printed = capsys.readouterr().out
     assert "penultimate head" in printed and "Rademacher complexity" in printed and "img/s" in printed
     assert "start (step 0)" in printed and "linear probe" in printed
     # the checkpoint holds what learns and the heads' scale fitted at step 0, not the frozen backbone, and
     # loads without pickled code
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     scales = {k: v.item() for k, v in checkpoint["model"].items() if k.endswith(".scale")}
     assert set(scales) == {"heads.0.scale", "heads.1.scale"} and set(scales.values()) == {r["scale"]}
     assert 1 < r["scale"] < 25  # class means on these features do not support 25's confidence
     assert sum(v.numel() for k, v in checkpoint["model"].items() if k not in scales) == metrics["trainable_params"]
     assert checkpoint["args"]["method"] == "scilt" and checkpoint["state"]["epoch"] == 1
-    assert (tmp_path / "splits.csv").read_text().count("\n") == 988 + 200 + 1000 + 1
+    assert (out / "splits.csv").read_text().count("\n") == 988 + 200 + 1000 + 1
     for head in metrics["heads"].values():  # what report.png draws
         assert list(head["per_class_acc"]) == list(metrics["class_counts"])
-    with Image.open(tmp_path / "report.png") as image:
+    with Image.open(out / "report.png") as image:
         assert image.format == "PNG" and image.size[0] > 600
 
 
 @pytest.mark.parametrize("method", ["final", "penultimate"])
-def test_ablations(tmp_path, method):
-    metrics = run(*FAST, "--method", method, "--out", str(tmp_path))
+def test_ablations(finished_run, method):
+    metrics = metrics_of(finished_run(*FAST, "--method", method)[0])
     other = "penultimate" if method == "final" else "final"
     assert metrics["heads"][other] is None
     assert metrics["heads"][method]["balanced_acc"] == metrics["balanced_acc"]
     assert set(metrics["fusion_weights"].values()) == {0.0 if method == "final" else 1.0}
 
 
-def test_feature_fusion_runs_end_to_end(tmp_path):
-    metrics = run(*FAST, "--fusion", "feature", "--out", str(tmp_path))
+def test_feature_fusion_runs_end_to_end(finished_run):
+    out = finished_run(*FAST, "--fusion", "feature")[0]
+    metrics = metrics_of(out)
     assert metrics["heads"]["fused"]["balanced_acc"] == metrics["balanced_acc"]
     assert len(set(metrics["fusion_weights"].values())) == 1  # the channels' mean, every class
     assert metrics["fusion_val_correlation"] is None  # no per-class a to correlate
     r = metrics["rademacher"]["classes"]
     assert r["fused"]["estimate"] != pytest.approx(r["penultimate"]["estimate"])  # its own class
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["model"]["gate"].shape == (96, 2) and "fused_head.weight" in checkpoint["model"]
     assert checkpoint["model"]["fused_head.scale"] == checkpoint["model"]["heads.0.scale"]
 
@@ -127,24 +133,33 @@ def test_blocks_fuses_any_set_of_levels(tmp_path, capsys):
     assert "was trained with --blocks 1 5 6, but this run asks for --blocks 5 6" in error
 
 
-def test_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
-    whole = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "whole"))
-    save = train.save_atomically
+TWO_EPOCHS = ("--img-size", "16", "--epochs", "2")
+
+
+@pytest.fixture(scope="session")
+def cut_run(tmp_path_factory):
+    """A two-epoch run killed right after its checkpoint of epoch 1 was saved (copy it to go on)."""
+    out, save = tmp_path_factory.mktemp("cut") / "run", checkpoint.save_atomically
 
     def stop_after_first_checkpoint(obj, path):
         save(obj, path)
-        raise KeyboardInterrupt  # the run is killed right after epoch 1 is saved
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_atomically", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"))
-    monkeypatch.setattr(train, "save_atomically", save)
-    assert not (tmp_path / "cut" / "metrics.json").exists()
-    resumed = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"), "--resume")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(checkpoint, "save_atomically", stop_after_first_checkpoint)
+        train.main([*TWO_EPOCHS, "--out", str(out)])
+    assert not (out / "metrics.json").exists()
+    return out
+
+
+def test_resume_ends_like_an_uninterrupted_run(tmp_path, cut_run, capsys):
+    whole = run(*TWO_EPOCHS, "--out", str(tmp_path / "whole"))
+    shutil.copytree(cut_run, tmp_path / "cut")
+    resumed = run(*TWO_EPOCHS, "--out", str(tmp_path / "cut"), "--resume")
     assert "1 of 2 epoch(s) done" in capsys.readouterr().out
     assert comparable(resumed) == comparable(whole)
     # --eval-only re-evaluates the saved model and reproduces its metrics
-    again = run("--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "cut"), "--eval-only")
+    again = run(*TWO_EPOCHS, "--out", str(tmp_path / "cut"), "--eval-only")
     assert comparable(again) == comparable(whole)
 
 
@@ -208,27 +223,19 @@ def test_checkpoint_of_another_class_count_and_no_overwrite(tmp_path, capsys):
     assert (tmp_path / "three" / "checkpoint.pt").read_bytes() == saved
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    out, two_epochs = str(tmp_path / "run"), ("--img-size", "16", "--epochs", "2")
-    save = train.save_atomically
-
-    def stop_after_first_checkpoint(obj, path):
-        save(obj, path)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save_atomically", stop_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        run(*two_epochs, "--out", out)
-    monkeypatch.setattr(train, "save_atomically", save)
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch,
+                                                             cut_run):
+    out = str(tmp_path / "run")
+    shutil.copytree(cut_run, out)
     saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(scilt.SciLT, "loss",
                         lambda self, output, target: output.logits.sum() * float("nan"))
-    error = fails(capsys, *two_epochs, "--out", out, "--resume")
+    error = fails(capsys, *TWO_EPOCHS, "--out", out, "--resume")
     assert "the loss became nan in epoch 2" in error
     assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoint.pt'}" in error
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
     # in the first epoch there is none yet, and the message says so
-    error = fails(capsys, *two_epochs, "--out", str(tmp_path / "new"))
+    error = fails(capsys, *TWO_EPOCHS, "--out", str(tmp_path / "new"))
     assert "the loss became nan in epoch 1; no checkpoint was written yet" in error
     assert not (tmp_path / "new" / "checkpoint.pt").exists()
 
@@ -338,12 +345,12 @@ def test_backbone_from_a_local_weights_file(tmp_path, suffix):
 
 
 @pytest.mark.parametrize("method", ["final", "scilt", "feature"])
-def test_start_row_is_the_class_mean_model_at_step_0(tmp_path, method):
+def test_start_row_is_the_class_mean_model_at_step_0(finished_run, method):
     """heads.start, computed here independently: cosine nearest class mean on the frozen features
     of each level, fused as at step 0 (equal weights, one scale), per class; with the feature
     fusion, cosine nearest class mean on the mean of the levels' unit features."""
-    flags = ["--fusion", "feature"] if method == "feature" else ["--method", method]
-    metrics = run(*FAST, *flags, "--out", str(tmp_path))
+    flags = {"final": ["--method", "final"], "scilt": [], "feature": ["--fusion", "feature"]}
+    metrics = metrics_of(finished_run(*FAST, *flags[method])[0])
     data = load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
     backbone = train.load_backbone(train.parse_args(FAST)).eval()
 
@@ -382,9 +389,10 @@ def test_training_lowers_the_loss_and_beats_step_0(tmp_path, capsys):
     assert metrics["balanced_acc"] > metrics["heads"]["start"]["balanced_acc"]
 
 
-def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys):
+def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys, finished_run,
+                                                             monkeypatch):
     out = str(tmp_path / "run")
-    run(*FAST, "--out", out)
+    shutil.copytree(finished_run(*FAST)[0], out)
     saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     error = fails(capsys, *FAST, "--out", out, "--lora-rank", "4", "--eval-only")
     assert "was trained with --lora-rank 8, but this run asks for --lora-rank 4" in error
@@ -395,15 +403,22 @@ def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys):
     assert "was trained with --lr 0.003, but this run asks for --lr 0.01" in error
     assert "--epochs 1 --batch-size 64" in fails(capsys, "--img-size", "16", "--epochs", "2", "--batch-size", "32",
                                                  "--out", out, "--resume")
-    run(*FAST, "--out", out, "--lr", "0.01", "--eval-only")
+
+    def accepted(*flags):  # the checkpoint is restored: the run goes on to its report
+        reports = []
+        monkeypatch.setattr(report, "finish", lambda *args: reports.append(args))
+        train.main([*FAST, "--out", out, *flags, "--eval-only"])
+        assert len(reports) == 1
+
+    accepted("--lr", "0.01")
     # the same levels however spelled; and a checkpoint written before --blocks existed
-    run(*FAST, "--out", out, "--blocks", "5", "6", "--eval-only")
+    accepted("--blocks", "5", "6")
     assert "--blocks 5 6, but this run asks for --blocks 4 6" in fails(
         capsys, *FAST, "--out", out, "--blocks", "4", "-1", "--eval-only")
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     del checkpoint["args"]["blocks"]
     torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
-    run(*FAST, "--out", out, "--eval-only")
+    accepted()
     # the backbone's weights are compared by content: another file is refused, a copy is not
     error = fails(capsys, *FAST, "--out", out, "--weights", str(ROOT / "fractal_vit.safetensors"),
                   "--eval-only")
@@ -412,7 +427,7 @@ def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys):
     assert "SHA-256" in fails(capsys, *FAST, "--out", out, "--resume", "--weights",
                               str(ROOT / "fractal_vit.safetensors"))
     shutil.copy(train.TINY_WEIGHTS, tmp_path / "moved.safetensors")
-    run(*FAST, "--out", out, "--weights", str(tmp_path / "moved.safetensors"), "--eval-only")
+    accepted("--weights", str(tmp_path / "moved.safetensors"))
     (tmp_path / "run" / "checkpoint.pt").write_bytes(saved[: len(saved) // 2])  # a copy cut short
     error = fails(capsys, *FAST, "--out", out, "--resume")
     assert error.startswith(f"error: cannot read checkpoint {tmp_path / 'run' / 'checkpoint.pt'}")
@@ -446,7 +461,7 @@ def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enoug
     val picks noise and the run keeps its last epoch. Either way its test metrics are that epoch's model's."""
     scores = iter([0.9, 0.1])
     monkeypatch.setattr(train, "val_score", lambda *args: (next(scores), enough_val))
-    save, first = train.save_atomically, tmp_path / "epoch1"
+    save, first = checkpoint.save_atomically, tmp_path / "epoch1"
 
     def keep_first_checkpoint(obj, path):
         save(obj, path)
@@ -454,7 +469,7 @@ def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enoug
             first.mkdir()
             shutil.copy(path, first / "checkpoint.pt")
 
-    monkeypatch.setattr(train, "save_atomically", keep_first_checkpoint)
+    monkeypatch.setattr(checkpoint, "save_atomically", keep_first_checkpoint)
     two = ("--img-size", "16", "--epochs", "2")
     metrics = run(*two, "--out", str(tmp_path / "run"))
     assert metrics["best_epoch"] == (1 if enough_val else 2) and metrics["epochs"] == 2
