@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the hub: a request for weights fails at once
-os.environ["SCILT_MIRROR"] = "http://127.0.0.1:9"  # nor a data set's host: downloads go to a closed local port
+# nor a data set's host: downloads go to a closed local port
+os.environ["SCILT_MIRROR"] = "http://127.0.0.1:9"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # the modules, and the scripts beside them
 

@@ -1,5 +1,5 @@
-"""data.py: every source in its real on-disk format (tiny files written here), the long-tailed protocol,
-split files, transforms, and the promised error for each kind of bad input."""
+"""data.py: every source in its real on-disk format (tiny files written here), the long-tailed
+protocol, split files, transforms, and the promised error for each kind of bad input."""
 import csv
 import io
 
@@ -12,10 +12,12 @@ import data
 import predict
 from data import DataError, load_data
 
-NIH_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
-               "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
-               "Pneumoperitoneum", "Pneumomediastinum", "Subcutaneous Emphysema", "Tortuous Aorta",
-               "Calcification of the Aorta", "No Finding"]  # the published header's order, between id and subject_id
+# the published header's order, between id and subject_id
+NIH_CLASSES = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
+               "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
+               "Pneumonia", "Pneumothorax", "Pneumoperitoneum", "Pneumomediastinum",
+               "Subcutaneous Emphysema", "Tortuous Aorta", "Calcification of the Aorta",
+               "No Finding"]
 ISIC_PER_CLASS = [300, 600, 250, 200, 220, 170, 160, 180]  # MEL NV BCC AK BKL DF VASC SCC
 
 
@@ -40,7 +42,8 @@ def isic_root(tmp_path_factory):
             name = f"ISIC_{k}{i:05d}" + ("_downsampled" if i == 0 else "")
             (root / "ISIC_2019_Training_Input" / f"{name}.jpg").write_bytes(jpeg)
             rows.append([name] + ["1.0" if j == k else "0.0" for j in range(9)])
-    write_csv(root / "ISIC_2019_Training_GroundTruth.csv", ["image"] + data.ISIC_CLASSES + ["UNK"], rows)
+    write_csv(root / "ISIC_2019_Training_GroundTruth.csv",
+              ["image"] + data.ISIC_CLASSES + ["UNK"], rows)
     return root
 
 
@@ -51,11 +54,12 @@ def class_counts(split, num_classes):
 def test_isic_long_tail_protocol(isic_root):
     d = load_data("isic", isic_root, img_size=32, imbalance_ratio=100, seed=0)
     assert d.classes == ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
-    # left after holding out 100 test + 50 val per class: NV 450, MEL 150, BCC 100, BKL 70, AK 50, SCC 30,
-    # DF 20, VASC 10. Profile from n_max = 450 for r = 100: 450, 233, 120, 62, 32, 16, 8, 4 (by that order);
-    # MEL and BCC have fewer than their share and keep all they have.
+    # left after holding out 100 test + 50 val per class: NV 450, MEL 150, BCC 100, BKL 70, AK 50,
+    # SCC 30, DF 20, VASC 10. Profile from n_max = 450 for r = 100: 450, 233, 120, 62, 32, 16, 8, 4
+    # (by that order); MEL and BCC have fewer than their share and keep all they have.
     assert d.class_counts == [150, 450, 100, 32, 62, 8, 4, 16]
-    assert class_counts(d.splits["test"], 8) == [100] * 8 and class_counts(d.splits["val"], 8) == [50] * 8
+    assert class_counts(d.splits["test"], 8) == [100] * 8
+    assert class_counts(d.splits["val"], 8) == [50] * 8
     items = {s: set(d.splits[s][0]) for s in d.splits}
     assert not (items["train"] & items["test"]) and not (items["train"] & items["val"])
     assert not (items["val"] & items["test"])
@@ -83,20 +87,23 @@ def test_splits_depend_on_seed_and_read_back(isic_root, tmp_path):
 def nih_root(tmp_path):
     (tmp_path / "images").mkdir()
     png = image_bytes((24, 24), "L", "PNG")  # X-rays are grayscale
-    for split, per_class in (("train", [5, 3] + [1] * 18), ("balanced-val", [1] * 20), ("balanced-test", [2] * 20)):
+    for split, per_class in (("train", [5, 3] + [1] * 18), ("balanced-val", [1] * 20),
+                             ("balanced-test", [2] * 20)):
         rows = []
         for k, n in enumerate(per_class):
             for i in range(n):
                 name = f"{split}_{k:02d}_{i}.png"
                 (tmp_path / "images" / name).write_bytes(png)
                 rows.append([name] + [int(j == k) for j in range(20)] + [f"{100 * k + i:08d}"])
-        write_csv(tmp_path / f"nih-cxr-lt_single-label_{split}.csv", ["id"] + NIH_CLASSES + ["subject_id"], rows)
+        write_csv(tmp_path / f"nih-cxr-lt_single-label_{split}.csv",
+                  ["id"] + NIH_CLASSES + ["subject_id"], rows)
     return tmp_path
 
 
 def test_nih_reads_its_own_splits_and_makes_grayscale_rgb(nih_root):
     d = load_data("nih", nih_root, img_size=32)
-    assert d.classes == NIH_CLASSES and d.class_counts == [5, 3] + [1] * 18  # subject_id is no class
+    # subject_id is no class
+    assert d.classes == NIH_CLASSES and d.class_counts == [5, 3] + [1] * 18
     assert (len(d.val), len(d.test)) == (20, 40)
     image, label = d.test[0]
     assert image.shape == (3, 32, 32) and label == 0
@@ -112,7 +119,8 @@ def test_nih_bad_csvs(nih_root):
     with pytest.raises(DataError, match="line 2: expected exactly one 1"):
         load_data("nih", nih_root)
     path.unlink()
-    with pytest.raises(DataError, match="missing .*nih-cxr-lt_single-label_balanced-test.csv: the NIH-CXR-LT labels"):
+    with pytest.raises(DataError, match="missing .*nih-cxr-lt_single-label_balanced-test.csv: "
+                                        "the NIH-CXR-LT labels"):
         load_data("nih", nih_root)
 
 
@@ -129,9 +137,10 @@ def test_blood_folders_long_tail(tmp_path):
     write_class_folders(tmp_path, [160, 170, 151, 200, 155, 165, 190, 152], data.BLOOD_CLASSES)
     d = load_data("blood", tmp_path, img_size=32, imbalance_ratio=10)
     assert d.classes == data.BLOOD_CLASSES
-    # left after 150 held out: 10, 20, 1, 50, 5, 15, 40, 2. In descending order (ig, neutrophil, eosinophil,
-    # monocyte, basophil, lymphocyte, platelet, erythroblast) the profile from n_max = 50 for r = 10 asks
-    # 50, 35, 25, 18, 13, 9, 6, 5: ig and neutrophil get theirs, the rest are capped by what is left
+    # left after 150 held out: 10, 20, 1, 50, 5, 15, 40, 2. In descending order (ig, neutrophil,
+    # eosinophil, monocyte, basophil, lymphocyte, platelet, erythroblast) the profile from n_max =
+    # 50 for r = 10 asks 50, 35, 25, 18, 13, 9, 6, 5: ig and neutrophil get theirs, the rest are
+    # capped by what is left
     assert d.class_counts == [10, 20, 1, 50, 5, 15, 35, 2]
     assert class_counts(d.splits["test"], 8) == [100] * 8
 
@@ -140,24 +149,31 @@ def test_blood_npz_pools_splits(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(8), 160)[:, None]
     arrays = {}
-    for split, part in zip(("train", "val", "test"), np.array_split(rng.permutation(len(labels)), 3)):
+    for split, part in zip(("train", "val", "test"),
+                           np.array_split(rng.permutation(len(labels)), 3)):
         arrays[f"{split}_images"] = rng.integers(0, 255, (len(part), 28, 28, 3), dtype=np.uint8)
         arrays[f"{split}_labels"] = labels[part]
     np.savez(tmp_path / "bloodmnist.npz", **arrays)
     d = load_data("blood", tmp_path, img_size=28, imbalance_ratio=10)
-    assert d.classes == data.BLOOD_CLASSES and sorted(d.class_counts) == sorted([10, 7, 5, 3, 2, 1, 1, 1])
+    assert d.classes == data.BLOOD_CLASSES
+    assert sorted(d.class_counts) == sorted([10, 7, 5, 3, 2, 1, 1, 1])
     assert d.train[0][0].shape == (3, 28, 28)
 
 
 def test_npz_keeps_its_splits(tmp_path):
-    arrays = {"train_images": np.zeros((7, 28, 28), np.uint8), "train_labels": np.array([[0], [0], [0], [1], [1], [2], [0]]),
-              "val_images": np.zeros((3, 28, 28), np.uint8), "val_labels": np.array([[0], [1], [2]]),
-              "test_images": np.full((3, 28, 28), 255, np.uint8), "test_labels": np.array([[2], [1], [0]])}
+    arrays = {"train_images": np.zeros((7, 28, 28), np.uint8),
+              "train_labels": np.array([[0], [0], [0], [1], [1], [2], [0]]),
+              "val_images": np.zeros((3, 28, 28), np.uint8),
+              "val_labels": np.array([[0], [1], [2]]),
+              "test_images": np.full((3, 28, 28), 255, np.uint8),
+              "test_labels": np.array([[2], [1], [0]])}
     np.savez(tmp_path / "dermamnist.npz", **arrays)
     d = load_data("npz", tmp_path / "dermamnist.npz", img_size=32)
     assert d.classes == ["0", "1", "2"] and d.class_counts == [4, 2, 1]
     image, label = d.test[0]
-    assert label == 2 and image.shape == (3, 32, 32) and torch.allclose(image, torch.ones(3, 32, 32))
+    assert label == 2
+    assert image.shape == (3, 32, 32)
+    assert torch.allclose(image, torch.ones(3, 32, 32))
     np.savez(tmp_path / "named.npz", **arrays, classes=np.array(["akiec", "bcc", "bkl"]))
     assert load_data("npz", tmp_path / "named.npz").classes == ["akiec", "bcc", "bkl"]
     np.savez(tmp_path / "chest.npz", **{**arrays, "train_labels": np.zeros((7, 14), int)})
@@ -176,14 +192,16 @@ def test_folder_with_and_without_val(tmp_path):
     write_class_folders(tmp_path / "test", [2, 2], ["cats", "dogs"])
     d = load_data("folder", tmp_path, img_size=32, seed=0)
     assert d.classes == ["cats", "dogs", "eels"]
-    assert class_counts(d.splits["val"], 3) == [2, 1, 0]  # a stratified tenth, one at least; eels has one image
+    # a stratified tenth, one at least; eels has one image
+    assert class_counts(d.splits["val"], 3) == [2, 1, 0]
     assert d.class_counts == [18, 4, 1] and len(d.test) == 4
     assert not set(d.splits["val"][0]) & set(d.splits["train"][0])
     assert load_data("folder", tmp_path, seed=1).splits["val"] != d.splits["val"]
     write_class_folders(tmp_path / "val", [1, 1, 1], ["cats", "dogs", "eels"])
     assert load_data("folder", tmp_path).class_counts == [20, 5, 1]
     write_class_folders(tmp_path / "test", [1], ["fish"])
-    with pytest.raises(DataError, match="class folder\\(s\\) fish that are not among the training classes"):
+    with pytest.raises(DataError, match="class folder\\(s\\) fish that are not among the "
+                                        "training classes"):
         load_data("folder", tmp_path)
 
 
@@ -201,16 +219,19 @@ def test_folder_test_split_lacking_a_class_keeps_the_training_labels(tmp_path):
 
 
 def test_bad_roots_and_names(tmp_path):
-    with pytest.raises(DataError, match="unknown data set 'imagenet': expected one of synthetic, isic"):
+    with pytest.raises(DataError, match="unknown data set 'imagenet': expected one of synthetic, "
+                                        "isic"):
         load_data("imagenet")
-    with pytest.raises(DataError, match="nowhere does not hold the isic data and --no-download forbids fetching it: "
-                                        "expected ISIC 2019 .* https://"):
+    with pytest.raises(DataError, match="nowhere does not hold the isic data and --no-download "
+                                        "forbids fetching it: expected ISIC 2019 .* https://"):
         load_data("isic", tmp_path / "nowhere", download=False)
     with pytest.raises(DataError, match="--data-root .*nowhere does not exist: expected MedMNIST"):
         load_data("npz", tmp_path / "nowhere")
-    with pytest.raises(DataError, match="--data-root .*missing.npz does not exist: expected bloodmnist_224.npz"):
+    with pytest.raises(DataError, match="--data-root .*missing.npz does not exist: expected "
+                                        "bloodmnist_224.npz"):
         load_data("blood", tmp_path / "missing.npz")
-    with pytest.raises(DataError, match="--data folder needs --data-root: expected your own images"):
+    with pytest.raises(DataError, match="--data folder needs --data-root: expected your own "
+                                        "images"):
         load_data("folder")
     (tmp_path / "ISIC_2019_Training_Input").mkdir()  # laid out by hand, but for the CSV
     with pytest.raises(DataError, match="missing CSV .*ISIC_2019_Training_GroundTruth.csv"):
@@ -224,15 +245,17 @@ def test_isic_bad_csv_and_missing_images(tmp_path):
     write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image", "MEL", "NV"], [])
     with pytest.raises(DataError, match="lacks the column\\(s\\) BCC, AK, BKL, DF, VASC, SCC, UNK"):
         load_data("isic", tmp_path, download=False)  # with downloads, a CSV alone would start one
-    write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv", ["image"] + data.ISIC_CLASSES + ["UNK"],
-              [["ISIC_1"] + ["1.0"] + ["0.0"] * 8])
+    write_csv(tmp_path / "ISIC_2019_Training_GroundTruth.csv",
+              ["image"] + data.ISIC_CLASSES + ["UNK"], [["ISIC_1"] + ["1.0"] + ["0.0"] * 8])
     with pytest.raises(DataError, match="missing image folder"):
         load_data("isic", tmp_path, download=False)
     (tmp_path / "ISIC_2019_Training_Input").mkdir()
-    with pytest.raises(DataError, match="1 image\\(s\\) listed for ISIC 2019 are not in .* e.g. ISIC_1.jpg"):
+    with pytest.raises(DataError, match="1 image\\(s\\) listed for ISIC 2019 are not in .* e.g. "
+                                        "ISIC_1.jpg"):
         load_data("isic", tmp_path)
     (tmp_path / "ISIC_2019_Training_Input" / "ISIC_1.jpg").write_bytes(image_bytes())
-    with pytest.raises(DataError, match="class MEL .* has 1 images: the long-tailed protocol needs more than 150"):
+    with pytest.raises(DataError, match="class MEL .* has 1 images: the long-tailed protocol "
+                                        "needs more than 150"):
         load_data("isic", tmp_path)
 
 
@@ -240,7 +263,8 @@ def test_unreadable_and_truncated_images(tmp_path):
     (tmp_path / "text.jpg").write_text("not an image")
     (tmp_path / "cut.jpg").write_bytes(image_bytes((64, 64))[:200])
     for name in ("text.jpg", "cut.jpg"):
-        with pytest.raises(DataError, match=f"cannot read image .*{name} .*expected a readable image file"):
+        with pytest.raises(DataError,
+                           match=f"cannot read image .*{name} .*expected a readable image file"):
             data.open_image(tmp_path / name)
 
 
@@ -262,15 +286,18 @@ def test_read_splits_rejects_other_data(tmp_path):
 def test_synthetic_is_deterministic_long_tailed_and_balanced():
     a = load_data("synthetic", img_size=32, seed=0)
     assert len(a.classes) == 10 and len(set(a.classes)) == 10
-    assert a.class_counts == data.long_tail_counts(400, 10, 100) == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
-    assert class_counts(a.splits["val"], 10) == [20] * 10 and class_counts(a.splits["test"], 10) == [100] * 10
+    assert a.class_counts == data.long_tail_counts(400, 10, 100) == [400, 239, 143, 86, 51,
+                                                                     30, 18, 11, 6, 4]
+    assert class_counts(a.splits["val"], 10) == [20] * 10
+    assert class_counts(a.splits["test"], 10) == [100] * 10
     b = load_data("synthetic", img_size=32, seed=0)
     torch.manual_seed(0)
     x = a.test[5][0]
     torch.manual_seed(1)
     torch.testing.assert_close(x, b.test[5][0])  # evaluation transforms are deterministic
     labels, draw = np.arange(10).repeat(2), data.draw_cells  # and so are the images drawn
-    assert np.array_equal(draw(labels, np.random.default_rng(1)), draw(labels, np.random.default_rng(1)))
+    assert np.array_equal(draw(labels, np.random.default_rng(1)),
+                          draw(labels, np.random.default_rng(1)))
     other = data.make_synthetic(seed=1)[1]
     assert other.shape == a.test.source.shape and not np.array_equal(other, a.test.source)
     assert load_data("synthetic", imbalance_ratio=10).class_counts[-1] == 40
@@ -291,13 +318,18 @@ def test_augment_policies_and_the_unaugmented_training_view():
     strong = load_data("synthetic", img_size=32, augment="strong")
     torch.manual_seed(0)
     assert not any(torch.equal(strong.train[3][0], view) for view in flips)  # a random resized crop
-    assert load_data("synthetic", img_size=32).train.transform.transforms[0].__class__.__name__ == "Resize"
+    first = load_data("synthetic", img_size=32).train.transform.transforms[0]
+    assert type(first).__name__ == "Resize"
 
 
 def test_imbalance_ratio_only_where_the_protocol_applies(tmp_path):
-    np.savez(tmp_path / "x.npz", **{f"{s}_{k}": np.zeros((2, 8, 8), np.uint8) if k == "images" else np.array([[0], [1]])
-                                   for s in ("train", "val", "test") for k in ("images", "labels")})
-    with pytest.raises(DataError, match="--imbalance-ratio does not apply to --data npz, which keeps its own splits"):
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = np.zeros((2, 8, 8), np.uint8)
+        arrays[f"{split}_labels"] = np.array([[0], [1]])
+    np.savez(tmp_path / "x.npz", **arrays)
+    with pytest.raises(DataError, match="--imbalance-ratio does not apply to --data npz, which "
+                                        "keeps its own splits"):
         load_data("npz", tmp_path / "x.npz", imbalance_ratio=10)
     assert load_data("npz", tmp_path / "x.npz").class_counts == [1, 1]
 
@@ -305,7 +337,8 @@ def test_imbalance_ratio_only_where_the_protocol_applies(tmp_path):
 def test_loader_worker_error_arrives_as_one_line(tmp_path):
     (tmp_path / "a.jpg").write_bytes(image_bytes())
     (tmp_path / "b.jpg").write_bytes(image_bytes((64, 64))[:200])
-    images = data.ImageSet(tmp_path, ["a.jpg", "b.jpg"], [0, 1], data.make_transform(16, (0.5,) * 3, (0.5,) * 3))
+    images = data.ImageSet(tmp_path, ["a.jpg", "b.jpg"], [0, 1],
+                           data.make_transform(16, (0.5,) * 3, (0.5,) * 3))
     with pytest.raises(DataError) as error:
         list(data.Loader(images, batch_size=2, num_workers=1))
     assert str(error.value).startswith("cannot read image") and "b.jpg" in str(error.value)

@@ -1,6 +1,6 @@
-"""Downloads, without network: a local HTTP server on 127.0.0.1 serves small fixture files in each source's
-real format at the real addresses' paths, and SCILT_MIRROR points the downloads at it. Also: CIFAR-100-LT's
-counts, and the ImageNet-LT / Places-LT / iNaturalist 2018 list readers."""
+"""Downloads, without network: a local HTTP server on 127.0.0.1 serves small fixture files in each
+source's real format at the real addresses' paths, and SCILT_MIRROR points the downloads at it.
+Also: CIFAR-100-LT's counts, and the ImageNet-LT / Places-LT / iNaturalist 2018 list readers."""
 import hashlib
 import io
 import pickle
@@ -38,7 +38,8 @@ class Server:
                 if body is None:
                     self.send_error(404)
                     return
-                start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+                asked = self.headers.get("Range")  # bytes=START-
+                start = int(asked.split("=")[1].split("-")[0]) if asked else 0
                 if start >= len(body) > 0:
                     self.send_error(416)
                     return
@@ -99,11 +100,13 @@ def archive(files, kind="tar.gz"):
 
 
 def serve_set(server, monkeypatch, name, bodies):
-    """Serve one body per remote of set `name`, with that set's checksums and counts made the fixtures'."""
+    """Serve one body per remote of set `name`, with that set's checksums and counts made the
+    fixtures'."""
     remotes = []
     for remote, (body, count) in zip(download.REMOTE[name], bodies):
         md5 = server.put(remote, body)
-        remotes.append(remote._replace(md5=md5 if remote.md5 else None, count=count if remote.count else None))
+        remotes.append(remote._replace(md5=md5 if remote.md5 else None,
+                                       count=count if remote.count else None))
     monkeypatch.setitem(download.REMOTE, name, remotes)
 
 
@@ -126,7 +129,7 @@ def one_error_line(err):
     return lines[-1]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # fetch(): resume, checksum, no network.
 
 def test_fetch_resumes_after_a_cut_and_names_the_file_only_when_whole(server, tmp_path):
@@ -134,20 +137,25 @@ def test_fetch_resumes_after_a_cut_and_names_the_file_only_when_whole(server, tm
     remote = Remote("https://example.org/files/big.bin", hashlib.md5(body).hexdigest())
     server.put(remote, body)
     server.cut.add("/files/big.bin")
-    with pytest.raises(DataError, match=r"stopped at 1,500,000 of 3,000,000 bytes: run again to resume"):
+    with pytest.raises(DataError, match=r"stopped at 1,500,000 of 3,000,000 bytes: run again to "
+                                        r"resume"):
         download.fetch(remote, tmp_path)
-    assert not (tmp_path / "big.bin").exists() and (tmp_path / "big.bin.part").stat().st_size == 1_500_000
+    assert not (tmp_path / "big.bin").exists()
+    assert (tmp_path / "big.bin.part").stat().st_size == 1_500_000
     assert download.fetch(remote, tmp_path).read_bytes() == body
-    assert server.requests[-1] == ("/files/big.bin", "bytes=1500000-")  # the second request asked for the rest
+    # the second request asked for the rest
+    assert server.requests[-1] == ("/files/big.bin", "bytes=1500000-")
     assert not (tmp_path / "big.bin.part").exists()
 
 
-def test_checksum_mismatch_is_one_line_and_leaves_nothing_that_looks_complete(server, tmp_path, capsys, monkeypatch):
+def test_checksum_mismatch_is_one_line_and_leaves_nothing_that_looks_complete(server, tmp_path,
+                                                                             capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     server.put(download.REMOTE["blood"][0], b"not the published file")
     status, out, err = run_train(["--data", "blood", "--model", "tiny", "--out", "run"], capsys)
     line = one_error_line(err)
-    assert status == 2 and "does not match its published md5 b718ff6835fcbdb22ba9eacccd7b2601" in line
+    assert status == 2
+    assert "does not match its published md5 b718ff6835fcbdb22ba9eacccd7b2601" in line
     assert f"{server.url}/records/10519652/files/bloodmnist_224.npz?download=1" in line
     assert "data/bloodmnist/bloodmnist_224.npz" in line  # where to put it by hand
     root = tmp_path / "data" / "bloodmnist"
@@ -167,18 +175,22 @@ def test_no_network_is_one_line_within_seconds(tmp_path, capsys, monkeypatch):
     assert line.startswith("error: cannot download") and "ISIC_2019_Training_Input.zip" in line
     assert "data/isic2019/ISIC_2019_Training_Input.zip" in line
     assert not (tmp_path / "data" / "isic2019" / ".complete").exists()
-    assert "downloading isic into data/isic2019: 2 file(s), about 9.1 GB" in err  # said before it fetched
+    # said before it fetched
+    assert "downloading isic into data/isic2019: 2 file(s), about 9.1 GB" in err
 
 
 def test_no_download_forbids_it(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    status, out, err = run_train(["--data", "cifar100-lt", "--no-download", "--model", "tiny"], capsys)
+    status, out, err = run_train(["--data", "cifar100-lt", "--no-download",
+                                  "--model", "tiny"], capsys)
     line = one_error_line(err)
-    assert status == 2 and "--no-download forbids fetching it" in line and "cifar-100-python.tar.gz" in line
+    assert status == 2
+    assert "--no-download forbids fetching it" in line
+    assert "cifar-100-python.tar.gz" in line
     assert not (tmp_path / "data").exists()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Each source through the mirror into its default root.
 
 def isic_fixture():
@@ -187,9 +199,11 @@ def isic_fixture():
     for k in range(len(data.ISIC_CLASSES)):
         for i in range(151 + 10 * k):
             names.append(f"ISIC_{k}{i:05d}")
-            rows.append(f"ISIC_{k}{i:05d}," + ",".join("1.0" if j == k else "0.0" for j in range(9)))
+            one_hot = ",".join("1.0" if j == k else "0.0" for j in range(9))
+            rows.append(f"ISIC_{k}{i:05d},{one_hot}")
     csv = "\n".join(["image," + ",".join(data.ISIC_CLASSES) + ",UNK", *rows]).encode()
-    return archive({f"ISIC_2019_Training_Input/{n}.jpg": image for n in names}, "zip"), len(names), csv
+    images = archive({f"ISIC_2019_Training_Input/{n}.jpg": image for n in names}, "zip")
+    return images, len(names), csv
 
 
 def test_isic_downloads_into_its_default_root_and_trains(server, tmp_path, capsys, monkeypatch):
@@ -197,8 +211,8 @@ def test_isic_downloads_into_its_default_root_and_trains(server, tmp_path, capsy
     images, count, csv = isic_fixture()
     serve_set(server, monkeypatch, "isic", [(images, count), (csv, count + 1)])
     server.cut.add("/2019/ISIC_2019_Training_Input.zip")  # the first try is cut off half way
-    argv = ["--data", "isic", "--model", "tiny", "--img-size", "16", "--epochs", "1", "--imbalance-ratio", "10",
-            "--out", "run"]
+    argv = ["--data", "isic", "--model", "tiny", "--img-size", "16", "--epochs", "1",
+            "--imbalance-ratio", "10", "--out", "run"]
     status, out, err = run_train(argv, capsys)
     assert status == 2 and "stopped at" in err and "run again to resume" in err
     root = tmp_path / "data" / "isic2019"
@@ -228,7 +242,8 @@ def test_a_damaged_zip_is_deleted_and_named(server, tmp_path, monkeypatch):
     damaged = bytearray(images)
     damaged[200:260] = bytes(60)  # inside the first member's data: its CRC fails
     serve_set(server, monkeypatch, "isic", [(bytes(damaged), count), (csv, count + 1)])
-    with pytest.raises(DataError, match=r"ISIC_2019_Training_Input.zip is damaged .*run again to download it anew"):
+    with pytest.raises(DataError, match=r"ISIC_2019_Training_Input.zip is damaged .*run again to "
+                                        r"download it anew"):
         load_data("isic", tmp_path / "isic", img_size=32)
     assert not (tmp_path / "isic" / "ISIC_2019_Training_Input.zip").exists()
 
@@ -236,13 +251,16 @@ def test_a_damaged_zip_is_deleted_and_named(server, tmp_path, monkeypatch):
 def test_blood_fetches_the_224_px_bloodmnist_file(server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rng, buffer = np.random.default_rng(0), io.BytesIO()
-    labels = {split: np.repeat(np.arange(8), n)[:, None] for split, n in (("train", 120), ("val", 20), ("test", 40))}
-    np.savez(buffer, **{f"{s}_images": rng.integers(0, 255, (len(y), 8, 8, 3), dtype=np.uint8) for s, y in labels.items()},
-             **{f"{s}_labels": y for s, y in labels.items()})
+    labels = {split: np.repeat(np.arange(8), n)[:, None]
+              for split, n in (("train", 120), ("val", 20), ("test", 40))}
+    images = {f"{s}_images": rng.integers(0, 255, (len(y), 8, 8, 3), dtype=np.uint8)
+              for s, y in labels.items()}
+    np.savez(buffer, **images, **{f"{s}_labels": y for s, y in labels.items()})
     serve_set(server, monkeypatch, "blood", [(buffer.getvalue(), None)])
     d = load_data("blood", img_size=32)  # the default root, data/bloodmnist
     root = tmp_path / "data" / "bloodmnist"
-    assert (root / ".complete").exists() and (root / "bloodmnist_224.npz").exists()  # an .npz is kept as it is
+    # an .npz is kept as it is
+    assert (root / ".complete").exists() and (root / "bloodmnist_224.npz").exists()
     assert d.classes == data.BLOOD_CLASSES and sum(d.class_counts) + 8 * 150 <= 8 * 180
     assert len(d.test) == 800 and len(d.val) == 400
 
@@ -251,19 +269,25 @@ def test_nih_fetches_the_images_and_says_where_the_labels_are(server, tmp_path, 
     png = jpeg(fmt="PNG")
     monkeypatch.setitem(download.REMOTE, "nih", download.REMOTE["nih"][:2])
     names = [[f"0000{a}_00{i}.png" for i in range(3)] for a in (1, 2)]
-    serve_set(server, monkeypatch, "nih", [(archive({f"images/{n}": png for n in part}), 3) for part in names])
+    serve_set(server, monkeypatch, "nih",
+              [(archive({f"images/{n}": png for n in part}), 3) for part in names])
     root = tmp_path / "nih"
     root.mkdir()
     classes = ["Effusion", "No Finding"]
-    for split, rows in (("train", names[0]), ("balanced-val", names[1][:1]), ("balanced-test", names[1][1:])):
-        lines = ["id,subject_id," + ",".join(classes)] + [f"{n},1,{i % 2},{1 - i % 2}" for i, n in enumerate(rows)]
-        (root / f"nih-cxr-lt_single-label_{split}.csv").write_text("\n".join(lines))  # the published names
-    d = load_data("nih", root, img_size=32)  # label CSVs alone do not count as a set laid out by hand
+    for split, rows in (("train", names[0]), ("balanced-val", names[1][:1]),
+                        ("balanced-test", names[1][1:])):
+        lines = ["id,subject_id," + ",".join(classes)] + [f"{n},1,{i % 2},{1 - i % 2}"
+                                                          for i, n in enumerate(rows)]
+        # the published names
+        (root / f"nih-cxr-lt_single-label_{split}.csv").write_text("\n".join(lines))
+    # label CSVs alone do not count as a set laid out by hand
+    d = load_data("nih", root, img_size=32)
     assert sorted(p.name for p in (root / "images").iterdir()) == sorted(names[0] + names[1])
     assert d.classes == classes and d.class_counts == [1, 2] and len(d.test) == 2
     for path in root.glob("*.csv"):
         path.unlink()
-    with pytest.raises(DataError, match=r"no direct address; download nih-cxr-lt_single-label_\{train,"):
+    with pytest.raises(DataError, match=r"no direct address; download "
+                                        r"nih-cxr-lt_single-label_\{train,"):
         load_data("nih", root, img_size=32)
 
 
@@ -271,16 +295,21 @@ def cifar_fixture(per_class=6, classes=100):
     rng = np.random.default_rng(0)
     train_labels = np.repeat(np.arange(classes), per_class)
     rng.shuffle(train_labels)
-    pack = lambda labels: pickle.dumps({"data": rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8),
-                                        "fine_labels": labels.tolist()})
-    return {"cifar-100-python/train": pack(train_labels), "cifar-100-python/test": pack(np.arange(classes)),
-            "cifar-100-python/meta": pickle.dumps({"fine_label_names": [f"c{k:02d}" for k in range(classes)]})}
+    def pack(labels):
+        pixels = rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8)
+        return pickle.dumps({"data": pixels, "fine_labels": labels.tolist()})
+
+    names = [f"c{k:02d}" for k in range(classes)]
+    return {"cifar-100-python/train": pack(train_labels),
+            "cifar-100-python/test": pack(np.arange(classes)),
+            "cifar-100-python/meta": pickle.dumps({"fine_label_names": names})}
 
 
 def test_cifar100_lt_downloads_and_trains(server, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     serve_set(server, monkeypatch, "cifar100-lt", [(archive(cifar_fixture()), None)])
-    status, out, err = run_train(["--data", "cifar100-lt", "--model", "tiny", "--img-size", "16", "--epochs", "1", "--out", "run"], capsys)
+    status, out, err = run_train(["--data", "cifar100-lt", "--model", "tiny", "--img-size", "16",
+                                  "--epochs", "1", "--out", "run"], capsys)
     assert status == 0, err
     assert "no val images" in out and "cifar100-lt: 596 train / 0 val / 100 test images" in out
     assert (tmp_path / "data" / "cifar100" / ".complete").exists()
@@ -288,7 +317,8 @@ def test_cifar100_lt_downloads_and_trains(server, tmp_path, capsys, monkeypatch)
 
 def test_cifar100_lt_counts_follow_lifts_protocol(tmp_path):
     root = tmp_path / "cifar100"
-    for name, body in cifar_fixture(per_class=500).items():  # the real training set's shape: 500 a class
+    # the real training set's shape: 500 a class
+    for name, body in cifar_fixture(per_class=500).items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(body)
     (root / ".complete").touch()
@@ -297,7 +327,8 @@ def test_cifar100_lt_counts_follow_lifts_protocol(tmp_path):
         assert sum(d.class_counts) == total and d.class_counts[0] == 500
         assert d.group_counts == data.lift_counts(100)  # many / medium / few as at r = 100
     assert d.class_counts[-1] == 50 and len(d.test) == 100 and len(d.val) == 0
-    # one shuffle per class, classes in order, one generator seeded 0: LIFT's subset, whatever --seed says
+    # one shuffle per class, classes in order, one generator seeded 0: LIFT's subset, whatever
+    # --seed says
     labels = np.asarray(pickle.loads((root / "cifar-100-python/train").read_bytes())["fine_labels"])
     rng = np.random.RandomState(0)
     expected = []
@@ -306,25 +337,31 @@ def test_cifar100_lt_counts_follow_lifts_protocol(tmp_path):
         rng.shuffle(indices)
         expected += indices[:n].tolist()
     assert d.splits["train"][0] == [str(i) for i in expected]
-    assert load_data("cifar100-lt", root, img_size=32, imbalance_ratio=10, seed=3).splits == d.splits
+    assert load_data("cifar100-lt", root, img_size=32,
+                     imbalance_ratio=10, seed=3).splits == d.splits
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The natural-image benchmarks' list readers.
 
 def write_lists(server, monkeypatch, name, lists):
-    """Serve one list per split of set `name` ({split: [(path, label)]}); returns the lines per file."""
+    """Serve one list per split of set `name` ({split: [(path, label)]}); returns the lines per
+    file."""
     folder, files = data.LISTS[name]
-    bodies = {file: "".join(f"{p} {y}\n" for p, y in lists[split]).encode() for split, (file, _) in files.items()}
-    remotes = [r._replace(count=len(lists[split])) for r, split in zip(download.REMOTE[name], files)]
+    bodies = {file: "".join(f"{p} {y}\n" for p, y in lists[split]).encode()
+              for split, (file, _) in files.items()}
+    remotes = [r._replace(count=len(lists[split]))
+               for r, split in zip(download.REMOTE[name], files)]
     for remote in remotes:
         server.put(remote, bodies[remote.filename])
-    monkeypatch.setitem(download.REMOTE, name, remotes + download.REMOTE[name][len(files):])  # then the image archives
+    # then the image archives
+    monkeypatch.setitem(download.REMOTE, name, remotes + download.REMOTE[name][len(files):])
 
 
 def test_imagenet_lt_fetches_its_lists_into_a_root_laid_out_by_hand(server, tmp_path, monkeypatch):
     root = tmp_path / "imagenet"
-    lists = {"train": [(f"train/n0{k}/n0{k}_{i}.JPEG", k) for k in range(3) for i in range(5 - 2 * k)],
+    lists = {"train": [(f"train/n0{k}/n0{k}_{i}.JPEG", k)
+                       for k in range(3) for i in range(5 - 2 * k)],
              "val": [(f"train/n0{k}/n0{k}_v.JPEG", k) for k in range(3)],
              "test": [(f"val/n0{k}/ILSVRC2012_val_{k}.JPEG", k) for k in range(3)]}
     for path, _ in sum(lists.values(), []):
@@ -334,20 +371,25 @@ def test_imagenet_lt_fetches_its_lists_into_a_root_laid_out_by_hand(server, tmp_
     d = load_data("imagenet-lt", root, img_size=32)
     assert d.classes == ["n00", "n01", "n02"] and d.class_counts == [5, 3, 1]
     assert len(d.val) == 3 and len(d.test) == 3 and d.test[0][0].shape == (3, 32, 32)
-    assert not (root / ".complete").exists()  # the images are the user's: the set is not ours to mark
+    # the images are the user's: the set is not ours to mark
+    assert not (root / ".complete").exists()
     (root / lists["test"][2][0]).unlink()
-    with pytest.raises(DataError, match=r"ILSVRC2012_val_2.JPEG of the imagenet-lt lists is missing: expected ImageNet"):
+    with pytest.raises(DataError, match=r"ILSVRC2012_val_2.JPEG of the imagenet-lt lists is "
+                                        r"missing: expected ImageNet"):
         load_data("imagenet-lt", root, img_size=32)
 
 
 def test_places_lt_downloads_and_reads_the_places365_archive_layout(server, tmp_path, monkeypatch):
-    """LIFT's lists write a sub-category with a hyphen (apartment_building-outdoor); the Places365 archive
-    has it as a sub-folder (data_256/a/apartment_building/outdoor). The archive below is written in that
-    real layout by hand, not from the list paths."""
+    """LIFT's lists write a sub-category with a hyphen (apartment_building-outdoor); the Places365
+    archive has it as a sub-folder (data_256/a/apartment_building/outdoor). The archive below is
+    written in that real layout by hand, not from the list paths."""
     lists = {"train": [("train/airfield/00000001.jpg", 0), ("train/airfield/00000002.jpg", 0),
-                       ("train/airfield/00000003.jpg", 0), ("train/apartment_building-outdoor/00000794.jpg", 1),
-                       ("train/apartment_building-outdoor/00000795.jpg", 1), ("train/zen_garden/00000005.jpg", 2)],
-             "val": [("train/airfield/00000009.jpg", 0), ("train/apartment_building-outdoor/00000009.jpg", 1),
+                       ("train/airfield/00000003.jpg", 0),
+                       ("train/apartment_building-outdoor/00000794.jpg", 1),
+                       ("train/apartment_building-outdoor/00000795.jpg", 1),
+                       ("train/zen_garden/00000005.jpg", 2)],
+             "val": [("train/airfield/00000009.jpg", 0),
+                     ("train/apartment_building-outdoor/00000009.jpg", 1),
                      ("train/zen_garden/00000009.jpg", 2)],
              "test": [("val/airfield/Places365_val_00000001.jpg", 0),
                       ("val/apartment_building-outdoor/Places365_val_00000002.jpg", 1),
@@ -355,7 +397,8 @@ def test_places_lt_downloads_and_reads_the_places365_archive_layout(server, tmp_
     write_lists(server, monkeypatch, "places-lt", lists)
     in_archive = ["data_256/a/airfield/00000001.jpg", "data_256/a/airfield/00000002.jpg",
                   "data_256/a/airfield/00000003.jpg", "data_256/a/airfield/00000009.jpg",
-                  "data_256/a/apartment_building/outdoor/00000794.jpg", "data_256/a/apartment_building/outdoor/00000795.jpg",
+                  "data_256/a/apartment_building/outdoor/00000794.jpg",
+                  "data_256/a/apartment_building/outdoor/00000795.jpg",
                   "data_256/a/apartment_building/outdoor/00000009.jpg",
                   "data_256/z/zen_garden/00000005.jpg", "data_256/z/zen_garden/00000009.jpg"]
     train_tar = archive({path: jpeg() for path in in_archive}, "tar")
@@ -365,17 +408,21 @@ def test_places_lt_downloads_and_reads_the_places365_archive_layout(server, tmp_
         r._replace(md5=server.put(r, body)) for r, body in zip(archives, (train_tar, val_tar))])
     root = tmp_path / "places"
     d = load_data("places-lt", root, img_size=32)
-    assert d.classes == ["airfield", "apartment_building-outdoor", "zen_garden"] and d.class_counts == [3, 2, 1]
-    assert len(d.test) == 3 and d.train[3][1] == 1  # an image of the hyphenated class, read from its sub-folder
+    assert d.classes == ["airfield",
+                         "apartment_building-outdoor", "zen_garden"] and d.class_counts == [3, 2, 1]
+    # an image of the hyphenated class, read from its sub-folder
+    assert len(d.test) == 3 and d.train[3][1] == 1
     assert (root / ".complete").exists() and not (root / "val_256.tar").exists()
     # one image of every class is checked up front, not only the lists' first and last
     (root / "data_256/a/apartment_building/outdoor/00000794.jpg").unlink()
-    with pytest.raises(DataError, match="apartment_building/outdoor/00000794.jpg of the places-lt lists is missing"):
+    with pytest.raises(DataError, match="apartment_building/outdoor/00000794.jpg of the "
+                                        "places-lt lists is missing"):
         load_data("places-lt", root, img_size=32)
 
 
 def test_inat2018_tests_on_its_val_list_and_bad_lines_are_named(server, tmp_path, monkeypatch):
-    lists = {"train": [(f"train_val2018/Plantae/{k}/{i}.jpg", k) for k in range(2) for i in range(3 - k)],
+    lists = {"train": [(f"train_val2018/Plantae/{k}/{i}.jpg", k)
+                       for k in range(2) for i in range(3 - k)],
              "test": [(f"train_val2018/Plantae/{k}/v.jpg", k) for k in range(2)]}
     write_lists(server, monkeypatch, "inat2018", lists)
     images = archive({p: jpeg() for p, _ in lists["train"] + lists["test"]})
@@ -387,5 +434,6 @@ def test_inat2018_tests_on_its_val_list_and_bad_lines_are_named(server, tmp_path
     assert d.classes == ["Plantae/0", "Plantae/1"] and d.class_counts == [3, 2] and len(d.val) == 0
     assert d.splits["test"][0] == [p for p, _ in lists["test"]]
     (root / "iNaturalist18_train.txt").write_text("train_val2018/Plantae/0/0.jpg zero\n")
-    with pytest.raises(DataError, match=r"iNaturalist18_train.txt line 1: expected '<relative path> <label>'"):
+    with pytest.raises(DataError, match=r"iNaturalist18_train.txt line 1: expected '<relative "
+                                        r"path> <label>'"):
         load_data("inat2018", root, img_size=32)

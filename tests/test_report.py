@@ -35,7 +35,8 @@ def test_probe_weight_decay_is_the_best_on_val():
     assert len(set(scores)) > 1  # the decay matters on these features
     best = report.PROBE_WEIGHT_DECAYS[scores.index(max(scores))]
     chosen = report.fit_probe(h, y, val_h, val_y, counts).predict(val_h)
-    torch.testing.assert_close(chosen, report.LinearProbe(h, y, log_prior, TAU, best).predict(val_h))
+    torch.testing.assert_close(chosen,
+                               report.LinearProbe(h, y, log_prior, TAU, best).predict(val_h))
 
 
 def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gain():
@@ -59,7 +60,8 @@ def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gai
     data = SimpleNamespace(classes=["a", "b", "c"], class_counts=[200, 50, 5],
                            group_counts=[5, 50, 200])
     metrics = report.report(model, test, val, test, data, {})
-    assert (metrics["many"], metrics["medium"], metrics["few"]) == (0.0, 1.0, 1.0)  # by [5, 50, 200]
+    # by [5, 50, 200]
+    assert (metrics["many"], metrics["medium"], metrics["few"]) == (0.0, 1.0, 1.0)
     assert metrics["fusion_val_correlation"] == pytest.approx(1.0)
 
 

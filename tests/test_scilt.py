@@ -22,7 +22,8 @@ def build(method="scilt", global_pool="token", **kwargs):
 
 
 def timm_features(vit, x):
-    """What timm itself gives: pool(norm(z_{N-1})) via forward_intermediates, and pool(norm(z_N))."""
+    """What timm itself gives: pool(norm(z_{N-1})) via forward_intermediates, and
+    pool(norm(z_N))."""
     n = len(vit.blocks)
     final, [(spatial, prefix)] = vit.forward_intermediates(
         x, indices=[n - 2], norm=True, return_prefix_tokens=True, output_fmt="NLC")
@@ -63,7 +64,8 @@ def test_tap_of_every_block_equals_timm_intermediates():
     levels = scilt.tap(vit, x, range(3))
     assert len(caught) == 3  # one pass
     for h, z in zip(levels, caught):
-        torch.testing.assert_close(h, vit.forward_head(vit.norm(z), pre_logits=True), rtol=0, atol=0)
+        torch.testing.assert_close(h,
+                                   vit.forward_head(vit.norm(z), pre_logits=True), rtol=0, atol=0)
 
 
 def test_tap_returns_the_levels_asked_for_in_the_order_asked():
@@ -108,7 +110,8 @@ def test_lora_linear_merge_is_exact_and_unmerge_restores():
 
 
 def test_lora_alpha_defaults_to_the_rank_in_every_constructor():
-    """One default: SciLT(rank=16), add_lora and LoRALinear all scale B A by 1, as train.py --lora-rank 16 does."""
+    """One default: SciLT(rank=16), add_lora and LoRALinear all scale B A by 1, as train.py
+    --lora-rank 16 does."""
     model = scilt.SciLT(tiny_vit(), COUNTS, rank=16)
     assert {layer.scaling for layer in scilt.lora_layers(model)} == {1.0}
     assert scilt.LoRALinear(torch.nn.Linear(4, 4), rank=2).scaling == 1.0
@@ -118,7 +121,8 @@ def test_lora_alpha_defaults_to_the_rank_in_every_constructor():
 
 
 def test_lora_linear_follows_the_base_dtype():
-    """A bf16 base (no autocast) gets bf16 A and B: the forward pass, merge and unmerge all work in bf16."""
+    """A bf16 base (no autocast) gets bf16 A and B: the forward pass, merge and unmerge all work
+    in bf16."""
     base = torch.nn.Linear(16, 8).to(torch.bfloat16)
     layer = scilt.LoRALinear(base, rank=4)
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.bfloat16
@@ -170,10 +174,13 @@ def test_gradients_reach_exactly_the_trainable_parameters(method, fusion):
                 if n.endswith(tuple(learns)) or n.startswith(("heads.", "fused_head."))
                 or (n == "gate" and method == "scilt" and fusion != "fixed")}
     if method == "penultimate":  # the last block's output never reaches the loss
-        expected = {n for n in expected if not n.startswith(f"backbone.blocks.{len(model.backbone.blocks) - 1}.")}
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        expected = {n for n in expected
+                    if not n.startswith(f"backbone.blocks.{len(model.backbone.blocks) - 1}.")}
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None
+                 and p.grad.abs().sum() > 0}
     assert with_grad == expected == {n for n, p in model.named_parameters() if p.requires_grad}
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1).step()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1,
+                      weight_decay=0.1).step()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             torch.testing.assert_close(p, frozen_before[name], rtol=0, atol=0)
@@ -185,15 +192,17 @@ def test_any_set_of_levels_taps_timm_intermediates_and_fuses_by_a_per_class_soft
     model.eval(), pretrained.eval()
     x = torch.randn(4, 3, 32, 32)
     chosen = sorted({b % 3 for b in blocks})
-    assert model.blocks == chosen and model.level_names() == [["block1", "penultimate", "final"][b] for b in chosen]
+    assert model.blocks == chosen
+    assert model.level_names() == [["block1", "penultimate", "final"][b] for b in chosen]
     after = [p for block in model.backbone.blocks[chosen[-1] + 1:] for p in block.parameters()]
-    assert not any(p.requires_grad for p in after)  # blocks after the last level never reach the output
+    # blocks after the last level never reach the output
+    assert not any(p.requires_grad for p in after)
     # each level at step 0 is timm's own intermediate of the pretrained model, pooled
-    _, expected = pretrained.forward_intermediates(x, indices=chosen, norm=True, return_prefix_tokens=True,
-                                                   output_fmt="NLC")
+    _, expected = pretrained.forward_intermediates(x, indices=chosen, norm=True,
+                                                   return_prefix_tokens=True, output_fmt="NLC")
     for h, (spatial, prefix) in zip(model.features(x), expected):
-        torch.testing.assert_close(h, pretrained.forward_head(torch.cat([prefix, spatial], 1), pre_logits=True),
-                                   rtol=0, atol=0)
+        pooled = pretrained.forward_head(torch.cat([prefix, spatial], 1), pre_logits=True)
+        torch.testing.assert_close(h, pooled, rtol=0, atol=0)
     # one gate weight per class and level, a softmax over the levels: 1 / L at start
     assert model.gate.shape == (len(COUNTS), len(chosen)) and len(model.heads) == len(chosen)
     torch.testing.assert_close(model.level_weights(), torch.full((5, len(chosen)), 1 / len(chosen)))
@@ -207,11 +216,13 @@ def test_any_set_of_levels_taps_timm_intermediates_and_fuses_by_a_per_class_soft
     loss = model.loss(out, y)
     torch.testing.assert_close(loss, la(out.logits) + 0.5 * sum(la(s) for s in out.levels))
     loss.backward()
-    assert all(head.weight.grad.abs().sum() > 0 for head in model.heads) and model.gate.grad.abs().min() > 0
+    assert all(head.weight.grad.abs().sum() > 0 for head in model.heads)
+    assert model.gate.grad.abs().min() > 0
 
 
 def test_the_two_level_default_is_the_papers_fusion():
-    """blocks (-2, -1): s = a * s_1 + (1 - a) * s_2 per class with a = sigmoid(g_1 - g_2), s_1 on z_{N-1}."""
+    """blocks (-2, -1): s = a * s_1 + (1 - a) * s_2 per class with a = sigmoid(g_1 - g_2), s_1 on
+    z_{N-1}."""
     model, pretrained = build("scilt")
     assert model.blocks == [1, 2] and model.level_names() == ["penultimate", "final"]
     with torch.no_grad():
@@ -297,7 +308,8 @@ def test_logit_adjusted_loss_equals_hand_computed_value():
         adjusted = [z + math.log(p) for z, p in zip(row, prior)]
         expected += -(adjusted[y] - math.log(sum(math.exp(a) for a in adjusted))) / 2
     log_prior = torch.log(torch.tensor(counts) / 10)
-    assert scilt.logit_adjusted_loss(logits, target, log_prior).item() == pytest.approx(expected, rel=1e-6)
+    loss = scilt.logit_adjusted_loss(logits, target, log_prior).item()
+    assert loss == pytest.approx(expected, rel=1e-6)
     # tau = 0 is plain cross-entropy
     assert scilt.logit_adjusted_loss(logits, target, log_prior, tau=0.0).item() == pytest.approx(
         F.cross_entropy(logits, target).item(), rel=1e-6)
@@ -318,11 +330,13 @@ def test_dual_supervision_loss():
 def test_init_heads_sets_unit_norm_class_means():
     model, _ = build()
     h = torch.randn(10, 48)
-    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0, 1])  # class 4 has no sample: keeps its random start
+    # class 4 has no sample: keeps its random start
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 0, 1])
     random_row = model.heads[0].weight[4].clone()
     model.init_heads([h, 2 * h], labels)
     for head in model.heads:
-        torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(5))  # every row, the random one too
+        # every row, the random one too
+        torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(5))
         for k in range(4):
             mean = F.normalize(h[labels == k], dim=-1).mean(0)
             torch.testing.assert_close(head.weight[k], mean / mean.norm())
@@ -333,14 +347,18 @@ def test_init_heads_fits_the_scale_that_minimises_the_step_0_loss_and_changes_no
     model, _ = build()
     labels = torch.arange(5).repeat_interleave(torch.tensor([40, 20, 10, 5, 3]))
     torch.manual_seed(0)
-    centres = F.normalize(torch.randn(5, 48), dim=-1)  # classes that overlap, as on pretrained features
-    h_pen, h_fin = centres[labels] + 0.3 * torch.randn(78, 48), centres[labels] + 0.3 * torch.randn(78, 48)
+    # classes that overlap, as on pretrained features
+    centres = F.normalize(torch.randn(5, 48), dim=-1)
+    h_pen = centres[labels] + 0.3 * torch.randn(78, 48)
+    h_fin = centres[labels] + 0.3 * torch.randn(78, 48)
     model.init_heads([h_pen, h_fin], labels)
     scale = model.scale
     assert 2 < scale < 50 and model.heads[0].scale.item() == model.heads[1].scale.item() == scale
     out = model.classify(h_pen, h_fin)
-    loss = lambda s: model.loss(scilt.SciLTOutput(s / scale * out.logits, [s / scale * z for z in out.levels]), labels)
-    assert loss(scale) < loss(0.9 * scale) and loss(scale) < loss(1.1 * scale)  # the minimum of the loss in s
+    loss = lambda s: model.loss(scilt.SciLTOutput(s / scale * out.logits,
+                                                  [s / scale * z for z in out.levels]), labels)
+    # the minimum of the loss in s
+    assert loss(scale) < loss(0.9 * scale) and loss(scale) < loss(1.1 * scale)
     x = torch.randn(100, 48)
     fitted = model.classify(x, x)
     for head in model.heads:
@@ -349,22 +367,24 @@ def test_init_heads_fits_the_scale_that_minimises_the_step_0_loss_and_changes_no
 
 
 def test_init_heads_in_chunks_and_on_a_subset_fits_the_same_scale():
-    """Bounded memory: chunks of images give the very same scale; a seeded subset of a large training set
-    nearly the same (one number is fitted, and the loss is flat near its minimum)."""
+    """Bounded memory: chunks of images give the very same scale; a seeded subset of a large
+    training set nearly the same (one number is fitted, and the loss is flat near its minimum)."""
     labels = torch.arange(5).repeat_interleave(torch.tensor([400, 200, 100, 50, 30]))
     centres = F.normalize(torch.randn(5, 48), dim=-1)
-    h_pen, h_fin = centres[labels] + 0.3 * torch.randn(780, 48), centres[labels] + 0.3 * torch.randn(780, 48)
+    h_pen = centres[labels] + 0.3 * torch.randn(780, 48)
+    h_fin = centres[labels] + 0.3 * torch.randn(780, 48)
     scales = []
     for kwargs in ({}, {"chunk": 7}, {"max_images": 300}):
         model, _ = build()
         model.init_heads([h_pen, h_fin], labels, **kwargs)
         scales.append(model.scale)
-    assert scales[1] == pytest.approx(scales[0], rel=1e-4) and scales[2] == pytest.approx(scales[0], rel=0.1)
+    assert scales[1] == pytest.approx(scales[0], rel=1e-4)
+    assert scales[2] == pytest.approx(scales[0], rel=0.1)
 
 
 def test_one_optimizer_step_turns_head_and_tail_rows_alike():
-    """Unit rows: AdamW turns a 400-image class's prototype as fast as a 4-image class's (with rows of
-    norm proportional to class counts, the head class's turned about 100x slower)."""
+    """Unit rows: AdamW turns a 400-image class's prototype as fast as a 4-image class's (with rows
+    of norm proportional to class counts, the head class's turned about 100x slower)."""
     model, _ = build("final")
     labels = torch.tensor([0] * 400 + [4] * 4)
     h = F.normalize(torch.randn(5, 48), dim=-1)[labels] + 0.3 * torch.randn(404, 48)
@@ -372,7 +392,8 @@ def test_one_optimizer_step_turns_head_and_tail_rows_alike():
     head = model.heads[0]
     before = head.weight.detach().clone()
     optimizer = torch.optim.AdamW([head.weight], lr=1e-2)
-    scilt.logit_adjusted_loss(head(torch.randn(64, 48)), torch.randint(0, 5, (64,)), LOG_PRIOR).backward()
+    scilt.logit_adjusted_loss(head(torch.randn(64, 48)),
+                              torch.randint(0, 5, (64,)), LOG_PRIOR).backward()
     optimizer.step()
     angle = torch.arccos(F.cosine_similarity(before, head.weight.detach(), dim=1).clamp(max=1))
     assert 0.5 < angle[0] / angle[4] < 2
@@ -383,7 +404,8 @@ def test_deepcopy_after_a_training_forward_gives_the_same_model():
     randomize_lora(model)
     x = torch.randn(2, 3, 32, 32)
     model.train()
-    model.loss(model(x), torch.tensor([0, 1])).backward()  # a graph was built: nothing of it stays behind
+    # a graph was built: nothing of it stays behind
+    model.loss(model(x), torch.tensor([0, 1])).backward()
     twin = copy.deepcopy(model).eval()
     model.eval()
     for got, want in zip(twin(x), model(x)):
@@ -391,9 +413,11 @@ def test_deepcopy_after_a_training_forward_gives_the_same_model():
 
 
 FAMILIES = {  # one small configuration of each family the README names (pretrained=False)
-    "vit_tiny_patch16_224": {}, "deit3_small_patch16_224": {}, "deit_tiny_distilled_patch16_224": {},
-    "vit_small_patch14_reg4_dinov2": {}, "vit_base_patch16_clip_224": {}, "vit_base_patch16_siglip_224": {},
-    "eva02_tiny_patch14_224": {}, "beit_base_patch16_224": {}, "vit_base_patch16_rope_reg1_gap_256": {},
+    "vit_tiny_patch16_224": {}, "deit3_small_patch16_224": {},
+    "deit_tiny_distilled_patch16_224": {}, "vit_small_patch14_reg4_dinov2": {},
+    "vit_base_patch16_clip_224": {}, "vit_base_patch16_siglip_224": {},
+    "eva02_tiny_patch14_224": {}, "beit_base_patch16_224": {},
+    "vit_base_patch16_rope_reg1_gap_256": {},
     "vit_small_patch16_224": dict(global_pool="avg", class_token=False),
 }
 
@@ -402,19 +426,26 @@ FAMILIES = {  # one small configuration of each family the README names (pretrai
 def test_every_named_family_taps_and_adapts_exactly(name):
     backbone = scilt.create_backbone(name, **{**TINY, **FAMILIES[name]})
     for parameter_name, parameter in backbone.named_parameters():
-        if "gamma" in parameter_name:  # layer scales start at 1e-5 in some: a trained model's are larger
+        # layer scales start at 1e-5 in some: a trained model's are larger
+        if "gamma" in parameter_name:
             torch.nn.init.ones_(parameter)
     model = scilt.SciLT(backbone, COUNTS).eval()
     x = torch.randn(2, 3, 32, 32)
     randomize_lora(model)
     # the tap against timm's own pieces: forward_features for z_N, a hook on block N-1 for z_{N-1}
     caught = []
-    hook = backbone.blocks[-2].register_forward_hook(lambda module, inputs, output: caught.append(output))
+    def catch(module, inputs, output):
+        caught.append(output)
+
+    hook = backbone.blocks[-2].register_forward_hook(catch)
     h_pen, h_fin = model.features(x)
     hook.remove()
-    torch.testing.assert_close(h_fin, backbone.forward_head(backbone.forward_features(x), pre_logits=True))
-    torch.testing.assert_close(h_pen, backbone.forward_head(backbone.norm(caught[0]), pre_logits=True))
-    # LoRA reaches the output (EVA-02, BEiT and RoPE ViTs read qkv.weight themselves), and merges exactly
+    torch.testing.assert_close(h_fin,
+                               backbone.forward_head(backbone.forward_features(x), pre_logits=True))
+    torch.testing.assert_close(h_pen,
+                               backbone.forward_head(backbone.norm(caught[0]), pre_logits=True))
+    # LoRA reaches the output (EVA-02, BEiT and RoPE ViTs read qkv.weight themselves), and merges
+    # exactly
     adapted = model(x).logits
     merged = copy.deepcopy(model)
     scilt.merge_lora(merged)
@@ -452,10 +483,12 @@ def test_rademacher_draws_estimate_the_complexity_under_its_bound():
     h = torch.randn(200, 16) + 3.0  # correlated features: the estimate sits under the closed bound
     sups = scilt.rademacher_draws(h, 2.0)
     bound = 2.0 / 200 * h.double().pow(2).sum().sqrt()  # (B / n) sqrt(sum_i |h_i|^2), Jensen
-    assert sups.shape == (1000,) and 0.75 * bound < sups.mean() < 0.9 * bound  # nearly alike: near sqrt(2/pi)
+    # nearly alike: near sqrt(2/pi)
+    assert sups.shape == (1000,) and 0.75 * bound < sups.mean() < 0.9 * bound
     # orthonormal features: |sum sigma_i h_i| = sqrt(n) for every sigma, so every draw IS the bound
     q = torch.linalg.qr(torch.randn(32, 32))[0]
-    torch.testing.assert_close(scilt.rademacher_draws(q, 1.0), torch.full((1000,), 1 / math.sqrt(32), dtype=torch.float64))
+    torch.testing.assert_close(scilt.rademacher_draws(q, 1.0),
+                               torch.full((1000,), 1 / math.sqrt(32), dtype=torch.float64))
     # linear in the features and in the norm bound, draw by draw (the same sigmas)
     torch.testing.assert_close(scilt.rademacher_draws(3 * h, 5.0), 15 * sups / 2.0)
 
@@ -495,7 +528,9 @@ def test_create_backbone_refuses_what_is_not_a_vit():
 def test_parameter_counts():
     model, pretrained = build()
     trainable, total = train.count_parameters(model)
-    lora = sum(p.numel() for layer in scilt.lora_layers(model) for p in (layer.lora_A, layer.lora_B))
-    assert trainable == lora + 2 * 5 * 48 + 5 * 2  # two heads, the gate: a weight per class and level
+    lora = sum(p.numel() for layer in scilt.lora_layers(model)
+               for p in (layer.lora_A, layer.lora_B))
+    # two heads, the gate: a weight per class and level
+    assert trainable == lora + 2 * 5 * 48 + 5 * 2
     assert total == trainable + sum(p.numel() for p in pretrained.parameters())
     assert np.isclose(lora, 3 * 8 * ((48 + 3 * 48) + (48 + 48)))

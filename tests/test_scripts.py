@@ -144,7 +144,8 @@ def test_predict_and_export_give_the_evaluations_predictions(tmp_path, capsys):
             assert meta["classes"][p.argmax()] == row["predicted"]
             assert p.max().item() == pytest.approx(float(row["probability"]), abs=1e-4)
     (tmp_path / "empty").mkdir()
-    assert "no image under" in fails(capsys, predict.main, "--out", str(out), str(tmp_path / "empty"))
+    assert "no image under" in fails(capsys, predict.main, "--out", str(out),
+                                     str(tmp_path / "empty"))
 
 
 def disagreeing_model(blocks=(-2, -1)):
@@ -253,7 +254,8 @@ def test_scale_script_runs_train_py_functions_on_random_features():
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(line["seconds"]) == {"init_heads", "classify", "start_metrics (step 0 and the probe)",
+    assert set(line["seconds"]) == {"init_heads", "classify",
+                                    "start_metrics (step 0 and the probe)",
                                     "report (with the Rademacher check)"}
     assert 0 < line["peak_rss_gb"] < 8 and line["images"] == 2000
 

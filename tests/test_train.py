@@ -1,4 +1,4 @@
-"""train.py end to end on the embedded default at a reduced size (16 px images, one or two epochs)."""
+"""train.py end to end on the embedded default at a reduced size (16 px images, a few epochs)."""
 import argparse
 import io
 import json
@@ -25,9 +25,9 @@ from conftest import FAST, tiny_vit
 from data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_KEYS = {"overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle", "tail",
-             "per_class_acc", "class_counts", "heads", "fusion_weights", "rademacher", "trainable_params",
-             "total_params", "train_seconds"}
+SPEC_KEYS = {"overall_acc", "balanced_acc", "macro_f1", "many", "medium", "few", "head", "middle",
+             "tail", "per_class_acc", "class_counts", "heads", "fusion_weights", "rademacher",
+             "trainable_params", "total_params", "train_seconds"}
 
 
 def run(*argv):
@@ -52,7 +52,8 @@ def test_default_run_writes_the_report(finished_run):
     out, printed = finished_run(*FAST)
     metrics = metrics_of(out)
     assert SPEC_KEYS <= set(metrics)
-    for key in ("overall_acc", "balanced_acc", "macro_f1", "head", "middle", "tail", "many", "medium", "few"):
+    for key in ("overall_acc", "balanced_acc", "macro_f1", "head", "middle", "tail", "many",
+                "medium", "few"):
         assert 0 <= metrics[key] <= 1
     assert len(metrics["per_class_acc"]) == len(metrics["fusion_weights"]) == 10
     assert list(metrics["class_counts"].values()) == [400, 239, 143, 86, 51, 30, 18, 11, 6, 4]
@@ -75,15 +76,19 @@ def test_default_run_writes_the_report(finished_run):
     assert estimates["sum"] == pytest.approx(estimates["penultimate"] + estimates["final"])
     assert all(0.75 < c["fraction"] < 1.05 for c in r["classes"].values())
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
-    assert "penultimate head" in printed and "Rademacher complexity" in printed and "img/s" in printed
+    assert "penultimate head" in printed
+    assert "Rademacher complexity" in printed
+    assert "img/s" in printed
     assert "start (step 0)" in printed and "linear probe" in printed
-    # the checkpoint holds what learns and the heads' scale fitted at step 0, not the frozen backbone, and
-    # loads without pickled code
+    # the checkpoint holds what learns and the heads' scale fitted at step 0, not the frozen
+    # backbone, and loads without pickled code
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     scales = {k: v.item() for k, v in checkpoint["model"].items() if k.endswith(".scale")}
-    assert set(scales) == {"heads.0.scale", "heads.1.scale"} and set(scales.values()) == {r["scale"]}
+    assert set(scales) == {"heads.0.scale", "heads.1.scale"}
+    assert set(scales.values()) == {r["scale"]}
     assert 1 < r["scale"] < 25  # class means on these features do not support 25's confidence
-    assert sum(v.numel() for k, v in checkpoint["model"].items() if k not in scales) == metrics["trainable_params"]
+    assert sum(v.numel() for k, v in checkpoint["model"].items()
+               if k not in scales) == metrics["trainable_params"]
     assert checkpoint["args"]["method"] == "scilt" and checkpoint["state"]["epoch"] == 1
     assert (out / "splits.csv").read_text().count("\n") == 988 + 200 + 1000 + 1
     for head in metrics["heads"].values():  # what report.png draws
@@ -110,7 +115,8 @@ def test_feature_fusion_runs_end_to_end(finished_run):
     r = metrics["rademacher"]["classes"]
     assert r["fused"]["estimate"] != pytest.approx(r["penultimate"]["estimate"])  # its own class
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert checkpoint["model"]["gate"].shape == (96, 2) and "fused_head.weight" in checkpoint["model"]
+    assert checkpoint["model"]["gate"].shape == (96, 2)
+    assert "fused_head.weight" in checkpoint["model"]
     assert checkpoint["model"]["fused_head.scale"] == checkpoint["model"]["heads.0.scale"]
 
 
@@ -120,9 +126,11 @@ def test_blocks_fuses_any_set_of_levels(tmp_path, capsys):
         ["start", "probe", "block1", "penultimate", "final", "fused"]
     assert all(list(w) == ["block1", "penultimate", "final"] and sum(w.values()) == pytest.approx(1)
                for w in metrics["level_weights"].values())
-    assert set(metrics["rademacher"]["classes"]) == {"block1", "penultimate", "final", "sum", "fused"}
+    levels = {"block1", "penultimate", "final", "sum", "fused"}
+    assert set(metrics["rademacher"]["classes"]) == levels
     checkpoint = torch.load(tmp_path / "three" / "checkpoint.pt", weights_only=True)
-    assert checkpoint["model"]["gate"].shape == (10, 3) and checkpoint["args"]["blocks"] == [1, -2, -1]
+    assert checkpoint["model"]["gate"].shape == (10, 3)
+    assert checkpoint["args"]["blocks"] == [1, -2, -1]
     # levels without the final block: the probe still reads the final block's features
     two = run(*FAST, "--blocks", "2", "4", "--out", str(tmp_path / "two"))
     assert two["heads"]["probe"] == metrics["heads"]["probe"] and two["heads"]["final"] is None
@@ -166,7 +174,8 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path, cut_run, capsys):
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert "does not hold the isic data and --no-download forbids" in fails(
         capsys, "--data", "isic", "--data-root", str(tmp_path / "x"), "--no-download")
-    assert "does not exist: expected MedMNIST" in fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "x"))
+    assert "does not exist: expected MedMNIST" in fails(capsys, "--data", "npz", "--data-root",
+                                                        str(tmp_path / "x"))
     assert "invalid choice: 'imagenet'" in fails(capsys, "--data", "imagenet")
     assert "unknown model 'vit_nope'" in fails(capsys, *FAST, "--model", "vit_nope",
                                                "--out", str(tmp_path / "m"))
@@ -184,16 +193,19 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 def test_real_data_defaults_to_hub_weights_and_says_how_to_go_offline(tmp_path, capsys):
     write_npz(tmp_path / "three.npz", 3)
     args = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz")])
-    assert (args.model, args.img_size, args.epochs) == ("vit_base_patch16_224.augreg_in21k", 224, 20)
+    assert args.model == "vit_base_patch16_224.augreg_in21k"
+    assert (args.img_size, args.epochs) == (224, 20)
     tiny = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz"),
                              "--model", "tiny"])
     assert (tiny.img_size, tiny.lr) == (32, 3e-3)  # the bundled tiny model, at its own size
     # the tests never reach the hub (HF_HUB_OFFLINE=1), as on a machine without internet
-    error = fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--out", str(tmp_path / "r"))
+    error = fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--out",
+                  str(tmp_path / "r"))
     assert "could not fetch pretrained weights for vit_base_patch16_224.augreg_in21k" in error
     assert "pass --weights FILE" in error and not (tmp_path / "r").exists()
-    assert "--imbalance-ratio does not apply to --data npz" in fails(
-        capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--imbalance-ratio", "10")
+    error = fails(capsys, "--data", "npz", "--data-root", str(tmp_path / "three.npz"),
+                  "--imbalance-ratio", "10")
+    assert "--imbalance-ratio does not apply to --data npz" in error
 
 
 def write_npz(path, num_classes):
@@ -209,11 +221,13 @@ def test_checkpoint_of_another_class_count_and_no_overwrite(tmp_path, capsys):
     write_npz(tmp_path / "three.npz", 3)
     write_npz(tmp_path / "four.npz", 4)
     three, four = str(tmp_path / "three"), str(tmp_path / "four")
-    run("--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--model", "tiny", *FAST, "--out", three)
+    run("--data", "npz", "--data-root", str(tmp_path / "three.npz"), "--model", "tiny",
+        *FAST, "--out", three)
     saved = (tmp_path / "three" / "checkpoint.pt").read_bytes()
     on_four = ("--data", "npz", "--data-root", str(tmp_path / "four.npz"), "--model", "tiny", *FAST)
     # the 3-class run's split file already disagrees with 4-class data
-    assert "class 3 has no training images" in fails(capsys, *on_four, "--out", three, "--eval-only")
+    error = fails(capsys, *on_four, "--out", three, "--eval-only")
+    assert "class 3 has no training images" in error
     # and with a split file that fits, the checkpoint itself is refused
     run(*on_four, "--out", four)
     (tmp_path / "three" / "splits.csv").write_bytes((tmp_path / "four" / "splits.csv").read_bytes())
@@ -249,16 +263,18 @@ def test_unreadable_image_in_a_loader_worker_is_one_line(tmp_path, capsys):
             for i in range(3):
                 (tmp_path / split / name / f"{i}.png").write_bytes(image.getvalue())
     (tmp_path / "train" / "dogs" / "1.png").write_bytes(image.getvalue()[:40])  # truncated
-    error = fails(capsys, "--data", "folder", "--data-root", str(tmp_path), "--model", "tiny", *FAST,
-                  "--workers", "1", "--out", str(tmp_path / "run"))
+    error = fails(capsys, "--data", "folder", "--data-root", str(tmp_path), "--model", "tiny",
+                  *FAST, "--workers", "1", "--out", str(tmp_path / "run"))
     assert error.startswith("error: cannot read image") and "dogs/1.png" in error
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--data", "npz", "--data-root", str(tmp_path / "no")],
-                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [sys.executable, "train.py", "--data", "npz", "--data-root", str(tmp_path / "no")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith("error: --data-root") and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip().startswith("error: --data-root")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 SLOW_STEP_ZERO = """import sys, time
@@ -313,7 +329,8 @@ def test_tiny_default_is_the_bundled_foundation_model():
     random = scilt.create_backbone(train.TINY["name"], **kwargs)  # timm's own initialisation
     assert not torch.equal(random.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
     # the stand-in pretrained across a domain gap, on fractals, loads the same way
-    fractal = train.load_backbone(train.parse_args(["--weights", str(ROOT / "fractal_vit.safetensors")]))
+    fractal = train.load_backbone(train.parse_args(["--weights",
+                                                    str(ROOT / "fractal_vit.safetensors")]))
     for name, tensor in load_file(ROOT / "fractal_vit.safetensors").items():
         torch.testing.assert_close(fractal.state_dict()[name], tensor.float(), rtol=0, atol=0)
     assert not torch.equal(fractal.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
@@ -337,7 +354,8 @@ def test_backbone_from_a_local_weights_file(tmp_path, suffix):
                                source.eval().forward_head(source.forward_features(x),
                                                           pre_logits=True))
     with pytest.raises(train.Abort, match="missing.pth not found"):
-        train.load_backbone(argparse.Namespace(**{**vars(args), "weights": tmp_path / "missing.pth"}))
+        train.load_backbone(argparse.Namespace(**{**vars(args),
+                                                  "weights": tmp_path / "missing.pth"}))
     with pytest.raises(train.Abort, match="could not load weights file .* into vit_small_patch16"):
         train.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_small_patch16_224"}))
     with pytest.raises(train.Abort, match="unknown model 'vit_nonexistent'"):
@@ -383,8 +401,8 @@ def test_start_row_is_the_class_mean_model_at_step_0(finished_run, method):
 
 def test_training_lowers_the_loss_and_beats_step_0(tmp_path, capsys):
     metrics = run("--img-size", "16", "--epochs", "4", "--out", str(tmp_path))
-    losses = [float(line.split(" loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
-              if " loss " in line]
+    printed = capsys.readouterr().out.splitlines()
+    losses = [float(line.split(" loss ")[1].split()[0]) for line in printed if " loss " in line]
     assert losses[-1] < 0.7 * losses[0]
     assert metrics["balanced_acc"] > metrics["heads"]["start"]["balanced_acc"]
 
@@ -397,12 +415,15 @@ def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys, f
     error = fails(capsys, *FAST, "--out", out, "--lora-rank", "4", "--eval-only")
     assert "was trained with --lora-rank 8, but this run asks for --lora-rank 4" in error
     error = fails(capsys, *FAST, "--out", out, "--fusion", "fixed", "--method", "final", "--resume")
-    assert "trained with --method scilt --fusion class, but this run asks for --method final --fusion fixed" in error
-    # what bends the learning-rate schedule is refused on --resume, and does not matter to --eval-only
+    assert ("trained with --method scilt --fusion class, but this run asks for --method final "
+            "--fusion fixed") in error
+    # what bends the learning-rate schedule is refused on --resume, and does not matter to
+    # --eval-only
     error = fails(capsys, *FAST, "--out", out, "--lr", "0.01", "--resume")
     assert "was trained with --lr 0.003, but this run asks for --lr 0.01" in error
-    assert "--epochs 1 --batch-size 64" in fails(capsys, "--img-size", "16", "--epochs", "2", "--batch-size", "32",
-                                                 "--out", out, "--resume")
+    error = fails(capsys, "--img-size", "16", "--epochs", "2", "--batch-size", "32", "--out", out,
+                  "--resume")
+    assert "--epochs 1 --batch-size 64" in error
 
     def accepted(*flags):  # the checkpoint is restored: the run goes on to its report
         reports = []
@@ -439,9 +460,10 @@ def test_folder_without_val_images_trains_and_reports(tmp_path, capsys):
     for split in ("train", "test"):
         for name in ("cats", "dogs"):
             (tmp_path / split / name).mkdir(parents=True)
-            (tmp_path / split / name / "0.png").write_bytes(image.getvalue())  # one image: no val carved
-    metrics = run("--data", "folder", "--data-root", str(tmp_path), "--model", "tiny", "--img-size", "16",
-                  "--epochs", "2", "--out", str(tmp_path / "run"))
+            # one image: no val carved
+            (tmp_path / split / name / "0.png").write_bytes(image.getvalue())
+    metrics = run("--data", "folder", "--data-root", str(tmp_path), "--model", "tiny",
+                  "--img-size", "16", "--epochs", "2", "--out", str(tmp_path / "run"))
     printed = capsys.readouterr().out
     assert "no val images: the last epoch is kept" in printed and "val balanced acc" not in printed
     assert metrics["best_epoch"] == 2 and metrics["fusion_val_correlation"] is None
@@ -451,14 +473,17 @@ def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_zero():
     args = argparse.Namespace(lr=2.0)
     lr = lambda step: train.get_lr(step, 105, args)  # warm-up: round(0.05 * 105) = 5 steps
     assert [lr(step) for step in range(5)] == pytest.approx([0.4, 0.8, 1.2, 1.6, 2.0])
-    assert lr(5) == pytest.approx(2.0) and lr(55) == pytest.approx(1.0)  # half way through the decay: lr / 2
-    assert lr(104) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 99 / 100))) and lr(104) < 1e-3
+    # half way through the decay: lr / 2
+    assert lr(5) == pytest.approx(2.0) and lr(55) == pytest.approx(1.0)
+    assert lr(104) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert lr(104) < 1e-3
 
 
 @pytest.mark.parametrize("enough_val", [True, False])
 def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enough_val):
-    """Val peaks at epoch 1 of 2. With enough val images of every class the run keeps epoch 1; with fewer,
-    val picks noise and the run keeps its last epoch. Either way its test metrics are that epoch's model's."""
+    """Val peaks at epoch 1 of 2. With enough val images of every class the run keeps epoch 1; with
+    fewer, val picks noise and the run keeps its last epoch. Either way its test metrics are that
+    epoch's model's."""
     scores = iter([0.9, 0.1])
     monkeypatch.setattr(train, "val_score", lambda *args: (next(scores), enough_val))
     save, first = checkpoint.save_atomically, tmp_path / "epoch1"
@@ -490,7 +515,8 @@ def test_val_score_is_the_fused_predictions_balanced_accuracy():
         model.heads[1].weight.copy_(model.heads[1].weight[[1, 2, 0]])  # a head that is wrong
         model.gate.normal_(std=2)
     args = argparse.Namespace(batch_size=16, workers=0)
-    val = train.make_loader(torch.utils.data.TensorDataset(images, labels), args, torch.device("cpu"))
+    val = train.make_loader(torch.utils.data.TensorDataset(images, labels), args,
+                            torch.device("cpu"))
     score, _ = train.val_score(model, val, [5, 3, 2], torch.device("cpu"))
     with torch.no_grad():
         out = model.eval()(images)
