@@ -59,7 +59,7 @@ def sha256(path):
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def levels(args, depth):
+def level_blocks(args, depth):
     """The blocks (1..N) a run's model reads, however --blocks spelled them."""
     asked = {"scilt": getattr(args, "blocks", None) or [-2, -1], "final": [-1],
              "penultimate": [-2]}[args.method]
@@ -82,7 +82,8 @@ def restore(model, checkpoint, path, args, weights_sha256, processes=1, optimize
     flags = MODEL_FLAGS + (() if args.eval_only else SCHEDULE_FLAGS)
     was, asked, depth = dict(checkpoint["args"]), vars(args).copy(), len(model.backbone.blocks)
     differ = [flag for flag in flags if was.get(flag) != asked.get(flag)]
-    was["blocks"], asked["blocks"] = levels(argparse.Namespace(**was), depth), levels(args, depth)
+    was["blocks"] = level_blocks(argparse.Namespace(**was), depth)
+    asked["blocks"] = level_blocks(args, depth)
     if not differ and was["blocks"] != asked["blocks"]:
         differ = ["blocks"]
     if differ:

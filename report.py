@@ -27,7 +27,7 @@ def head_metrics(predictions, labels, counts, classes=None):
 class Evaluation(NamedTuple):
     """What evaluate() keeps of every image of a set: what grows with N, never N x K."""
     labels: torch.Tensor  # (N,)
-    levels: torch.Tensor  # (N, L, D): the features of the model's L levels
+    level_features: torch.Tensor  # (N, L, D): the features of the model's L levels
     final: torch.Tensor   # (N, D): the final block's, which the linear probe reads
     predicted: dict       # head name ("fused", then the level names) -> (N,) predicted classes
 
@@ -48,7 +48,7 @@ def evaluate(model, data_loader, device):
             out = model.classify(*h[:len(model.blocks)])
         keep["labels"].append(labels)
         keep["h"].append(torch.stack(h, 1).float().cpu())  # (B, L or L + 1, D)
-        for name, scores in zip(heads, [out.logits, *out.levels]):
+        for name, scores in zip(heads, [out.logits, *out.level_scores]):
             keep[name].append(scores.argmax(1).cpu())
     joined = gather({key: torch.cat(parts) for key, parts in keep.items()})
     h = joined.pop("h")
@@ -151,7 +151,7 @@ def step_zero(model, loaders, data, device, tau, log):
     """The heads start as nearest-class-mean classifiers on the un-augmented pretrained features;
     the model at step 0 and a linear probe on the frozen features are the report's first rows."""
     train = evaluate(model, loaders["train"], device)
-    features = [train.levels[:, l].to(device) for l in range(len(model.blocks))]
+    features = [train.level_features[:, l].to(device) for l in range(len(model.blocks))]
     model.init_heads(features, train.labels.to(device))
     val = evaluate(model, loaders["val"], device)
     test = evaluate(model, loaders["test"], device)
@@ -213,13 +213,13 @@ def report(model, test, val, train, data, before):
         correlation = fusion_val_correlation(a, val, data.class_counts)
     train_balanced = head_metrics(train.predicted["fused"], train.labels,
                                   data.class_counts)["balanced_acc"]
-    levels = {name: train.levels[:, l] for l, name in enumerate(names)}
+    level_features = {name: train.level_features[:, l] for l, name in enumerate(names)}
     fused = None  # where features are fused, the fused class is on the fused features
     if model.fused_head is not None:
         with torch.no_grad():
             device = model.gate.device
-            fused = model.fused_features(*(h.to(device) for h in levels.values())).cpu()
-    check = scilt.rademacher_check(levels, weights, model.scale, fused)
+            fused = model.fused_features(*(h.to(device) for h in level_features.values())).cpu()
+    check = scilt.rademacher_check(level_features, weights, model.scale, fused)
     rows = dict(before)  # start and probe, then every level the method could have, then fused
     for name in [*names, "penultimate", "final"]:
         rows.setdefault(name, heads.get(name))

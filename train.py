@@ -48,8 +48,6 @@ DEFAULTS = {  # what flags left out become: the tiny ViT on a CPU, a timm ViT on
     "natural": dict(epochs=10, batch_size=128, lr=1e-3, img_size=224),  # LIFT: 10 of batch 128
 }
 WARMUP_FRACTION = 0.05   # of all steps: linear warm-up, then cosine decay to 0
-WEIGHT_DECAY = 1e-2      # AdamW's, on LoRA and the heads; none on the gate
-GATE_LR_SCALE = 30       # the gate's learning rate / the others' (AdamW moves a weight ~lr a step)
 TAU = 1.0                # logit adjustment: LA(z, y) = CE(z + tau * log prior, y)
 AUX_WEIGHT = 0.5         # lambda of the dual supervision: L = LA(s) + lambda (LA(s_1) + LA(s_2))
 MIN_VAL_PER_CLASS = 10   # a run keeps its val-best epoch where val has this many images of every
@@ -346,11 +344,7 @@ def run(args):
         f"{args.method}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.2f}%), {world_size} x {device}")
 
-    gate = [model.gate] if model.gate is not None else []
-    others = [p for p in model.parameters() if p.requires_grad and p is not model.gate]
-    optimizer = torch.optim.AdamW([  # LoRA and the heads; the gate
-        {"params": others, "weight_decay": WEIGHT_DECAY, "lr_scale": 1.0},
-        {"params": gate, "weight_decay": 0.0, "lr_scale": GATE_LR_SCALE}])
+    optimizer = model.configure_optimizer(args.lr)  # the method's parameter groups
     loaders = {"train": make_loader(data.train_eval, args, device),
                "val": make_loader(data.val, args, device),
                "test": make_loader(data.test, args, device)}

@@ -23,16 +23,17 @@ import scilt  # noqa: E402
 def export(model, path, /, **metadata):
     """One .safetensors file: the backbone with LoRA merged in, the heads, the gate and `metadata`
     (JSON values) naming the timm `model` and `model_kwargs` that load_exported() needs. The
-    model is left as it was given, merged or not. Blocks are stored 1-based, as a user counts."""
+    merged weights are computed beside the model's, which is left bitwise as it was given. Blocks
+    are stored 1-based, as a user counts."""
     from safetensors.torch import save_file
 
-    was_merged = [layer.merged for layer in scilt.lora_layers(model)]
-    scilt.merge_lora(model)
+    state = {name: tensor for name, tensor in model.state_dict().items()
+             if isinstance(tensor, torch.Tensor) and ".lora_" not in name}  # not LoRA's merged flag
+    for name, layer in model.named_modules():
+        if isinstance(layer, scilt.LoRALinear):  # W + (alpha / r) B A, unless merged already
+            state[f"{name}.base.weight"] = layer.weight
     state = {name.replace(".base.", "."): tensor.detach().cpu().clone().contiguous()
-             for name, tensor in model.state_dict().items() if ".lora_" not in name}
-    for layer, merged in zip(scilt.lora_layers(model), was_merged):
-        if not merged:
-            layer.unmerge()
+             for name, tensor in state.items()}
     metadata.update(method=model.method, fusion=model.fusion, blocks=[b + 1 for b in model.blocks])
     save_file(state, str(path), metadata={key: json.dumps(v) for key, v in metadata.items()})
 

@@ -34,7 +34,7 @@ def scores(model, dataset, batch_size=256):
     kept, labels = [], []
     for images, y in Loader(dataset, batch_size=batch_size):
         out = model(images)
-        kept.append(torch.stack([out.logits, *out.levels], 1).float())
+        kept.append(torch.stack([out.logits, *out.level_scores], 1).float())
         labels.append(y)
     return torch.cat(kept), torch.cat(labels)
 

@@ -41,9 +41,9 @@ def classify_all(model, evaluation):
     """What report.evaluate() keeps of each image after its forward pass: the predicted classes."""
     heads = ("fused", *model.level_names())
     predicted = {name: [torch.zeros(0, dtype=torch.long)] for name in heads}
-    for h in evaluation.levels.split(8192):
+    for h in evaluation.level_features.split(8192):
         out = model.classify(h[:, 0], h[:, 1])
-        for name, scores in zip(predicted, (out.logits, *out.levels)):
+        for name, scores in zip(predicted, (out.logits, *out.level_scores)):
             predicted[name].append(scores.argmax(1))
     evaluation.predicted.update({name: torch.cat(parts) for name, parts in predicted.items()})
 
@@ -90,7 +90,7 @@ def main():
               flush=True)
         return result
 
-    train_levels = [sets["train"].levels[:, 0], sets["train"].levels[:, 1]]
+    train_levels = [sets["train"].level_features[:, 0], sets["train"].level_features[:, 1]]
     timed("init_heads", model.init_heads, train_levels, labels["train"])
     timed("classify", lambda: [classify_all(model, s) for s in sets.values()])
     with torch.enable_grad():

@@ -1,5 +1,6 @@
 """The method module: LoRA, the tap, heads and fusion, losses, metrics and the Rademacher check."""
 import copy
+import io
 import math
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_lora_linear_merge_is_exact_and_unmerge_restores():
     layer.merge()
     layer.merge()  # a second merge is a no-op, not a double update
     torch.testing.assert_close(layer(x), expected)
-    layer.unmerge()
+    layer.merge(False)
     torch.testing.assert_close(base.weight, original)
     torch.testing.assert_close(layer(x), expected)
 
@@ -146,8 +147,30 @@ def test_merged_model_equals_unmerged():
     assert all(layer.merged for layer in scilt.lora_layers(model))
     for got, want in zip(model(x), before):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    scilt.unmerge_lora(model)
+    scilt.merge_lora(model, False)
     torch.testing.assert_close(model(x).logits, before.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_merged_state_dict_makes_the_model_it_loads_into_merged():
+    """Whether B A lives in base.weight travels with it: a merged state loaded into an unmerged
+    model gives the same outputs (B A is not added twice), and so does the reverse; the state
+    still loads without pickled code."""
+    model, _ = build()
+    model.eval()
+    randomize_lora(model)
+    x = torch.randn(3, 3, 32, 32)
+    expected = model(x).logits
+    scilt.merge_lora(model)
+    saved = io.BytesIO()
+    torch.save(model.state_dict(), saved)
+    unmerged, _ = build()
+    unmerged.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=True))
+    assert all(layer.merged for layer in scilt.lora_layers(unmerged))
+    torch.testing.assert_close(unmerged.eval()(x).logits, expected, rtol=1e-4, atol=1e-4)
+    scilt.merge_lora(model, False)
+    unmerged.load_state_dict(model.state_dict())  # into a merged model: unmerged again
+    assert not any(layer.merged for layer in scilt.lora_layers(unmerged))
+    torch.testing.assert_close(unmerged(x).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_add_lora_targets_and_freezing():
@@ -209,12 +232,12 @@ def test_any_set_of_levels_taps_timm_intermediates_and_fuses_by_a_per_class_soft
     with torch.no_grad():
         model.gate.normal_()
     out, a = model(x), torch.softmax(model.gate, dim=1)
-    torch.testing.assert_close(out.logits, sum(a[:, l] * s for l, s in enumerate(out.levels)))
+    torch.testing.assert_close(out.logits, sum(a[:, l] * s for l, s in enumerate(out.level_scores)))
     # dual supervision over every level, and the gradient reaches every head and the gate
     y = torch.tensor([0, 1, 2, 4])
     la = lambda s: scilt.logit_adjusted_loss(s, y, LOG_PRIOR)
     loss = model.loss(out, y)
-    torch.testing.assert_close(loss, la(out.logits) + 0.5 * sum(la(s) for s in out.levels))
+    torch.testing.assert_close(loss, la(out.logits) + 0.5 * sum(la(s) for s in out.level_scores))
     loss.backward()
     assert all(head.weight.grad.abs().sum() > 0 for head in model.heads)
     assert model.gate.grad.abs().min() > 0
@@ -230,7 +253,7 @@ def test_the_two_level_default_is_the_papers_fusion():
     x = torch.randn(3, 3, 32, 32)
     out = model(x)
     a = torch.sigmoid(model.gate[:, 0] - model.gate[:, 1])
-    s1, s2 = out.levels
+    s1, s2 = out.level_scores
     torch.testing.assert_close(out.logits, a * s1 + (1 - a) * s2)
     torch.testing.assert_close(s1, model.heads[0](timm_features(pretrained.eval(), x)[0]))
 
@@ -262,8 +285,8 @@ def test_feature_fusion_is_a_cosine_classifier_on_the_gated_unit_features():
     t = model.scale
     expected = t * F.normalize(f, dim=-1) @ F.normalize(model.fused_head.weight, dim=-1).T
     torch.testing.assert_close(out.logits, expected)
-    torch.testing.assert_close(out.levels[0], model.heads[0](h_pen))
-    torch.testing.assert_close(out.levels[1], model.heads[1](h_fin))
+    torch.testing.assert_close(out.level_scores[0], model.heads[0](h_pen))
+    torch.testing.assert_close(out.level_scores[1], model.heads[1](h_fin))
     torch.testing.assert_close(model.level_weights(), w.mean(0).expand(5, 2))
     y = torch.tensor([0, 1, 2, 4])
     model.loss(out, y).backward()
@@ -277,7 +300,7 @@ def test_methods_produce_the_documented_outputs():
     x = torch.randn(3, 3, 32, 32)
     fused, _ = build("scilt")
     out = fused(x)
-    s1, s2 = out.levels
+    s1, s2 = out.level_scores
     assert out.logits.shape == s1.shape == s2.shape == (3, len(COUNTS))
     torch.testing.assert_close(fused.level_weights(), torch.full((5, 2), 0.5))
     torch.testing.assert_close(out.logits, 0.5 * s1 + 0.5 * s2)
@@ -288,12 +311,13 @@ def test_methods_produce_the_documented_outputs():
 
     final, _ = build("final")
     out = final(x)
-    assert final.level_names() == ["final"] and out.logits is out.levels[0] and final.gate is None
+    assert final.level_names() == ["final"] and final.gate is None
+    assert out.logits is out.level_scores[0]
     torch.testing.assert_close(final.level_weights(), torch.ones(5, 1))
 
     penultimate, _ = build("penultimate")
     out = penultimate(x)
-    assert penultimate.level_names() == ["penultimate"] and out.logits is out.levels[0]
+    assert penultimate.level_names() == ["penultimate"] and out.logits is out.level_scores[0]
     with pytest.raises(AssertionError, match="method must be one of"):
         build("both")
 
@@ -320,7 +344,7 @@ def test_dual_supervision_loss():
     out = model(torch.randn(4, 3, 32, 32))
     y = torch.tensor([0, 1, 2, 4])
     la = lambda s: scilt.logit_adjusted_loss(s, y, LOG_PRIOR)
-    s1, s2 = out.levels
+    s1, s2 = out.level_scores
     torch.testing.assert_close(model.loss(out, y), la(out.logits) + 0.3 * (la(s1) + la(s2)))
     final, _ = build("final")
     out = final(torch.randn(4, 3, 32, 32))
@@ -355,8 +379,9 @@ def test_init_heads_fits_the_scale_that_minimises_the_step_0_loss_and_changes_no
     scale = model.scale
     assert 2 < scale < 50 and model.heads[0].scale.item() == model.heads[1].scale.item() == scale
     out = model.classify(h_pen, h_fin)
-    loss = lambda s: model.loss(scilt.SciLTOutput(s / scale * out.logits,
-                                                  [s / scale * z for z in out.levels]), labels)
+    def loss(s):
+        scaled = [s / scale * z for z in out.level_scores]
+        return model.loss(scilt.SciLTOutput(s / scale * out.logits, scaled), labels)
     # the minimum of the loss in s
     assert loss(scale) < loss(0.9 * scale) and loss(scale) < loss(1.1 * scale)
     x = torch.randn(100, 48)
@@ -380,6 +405,72 @@ def test_init_heads_in_chunks_and_on_a_subset_fits_the_same_scale():
         scales.append(model.scale)
     assert scales[1] == pytest.approx(scales[0], rel=1e-4)
     assert scales[2] == pytest.approx(scales[0], rel=0.1)
+
+
+@pytest.mark.parametrize("method, fusion", [("scilt", "class"), ("scilt", "feature"),
+                                            ("scilt", "fixed"), ("final", "class")])
+def test_step_zero_and_a_training_step_stay_on_the_models_device(method, fusion):
+    """The same-device rule, checked without a GPU: under PyTorch's fake tensors the model, the
+    features and the labels sit "on" cuda, and a CPU tensor that meets them fails. Reached: the
+    heads' start (class means, the scale search, its subset and chunks), init_heads_from a
+    loader of CPU batches, forward and loss, the optimizer's groups and an AdamW step. Not
+    reached (tests/test_cuda.py runs them where there is a GPU): backward, which needs the real
+    device; bf16 autocast, which is off without CUDA; and whatever reads values (.item(), the
+    linear probe, the metrics)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model, _ = build(method, fusion=fusion)
+    images, labels = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        cuda = torch.device("cuda")
+        model = model.to_empty(device=cuda)
+        h = [torch.randn(30, 48, device=cuda) for _ in model.heads]
+        model.init_heads(h, torch.randint(0, 5, (30,), device=cuda), max_images=20, chunk=7)
+        model.init_heads_from([(images[:4], labels[:4]), (images[4:], labels[4:])])
+        assert {head.scale.device for head in model.heads} == {model.log_prior.device}
+        optimizer = model.configure_optimizer(1e-3)
+        loss = model.loss(model(images.to(cuda)), labels.to(cuda))
+        assert loss.device == model.log_prior.device and loss.device.type == "cuda"
+        for p in model.parameters():
+            p.grad = torch.ones_like(p) if p.requires_grad else None
+        optimizer.step()
+
+
+def test_configure_optimizer_gives_the_gate_its_learning_rate_and_no_weight_decay():
+    """The method's recipe travels with the model: LoRA and the heads decay, the gate does not
+    (nothing pulls a class's weights toward 1 / L) and learns GATE_LR_SCALE x faster."""
+    model, _ = build()
+    optimizer = model.configure_optimizer(1e-3)
+    others, gate = optimizer.param_groups
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert gate["params"] == [model.gate] and len(others["params"]) == len(trainable) - 1
+    assert gate["lr"] == pytest.approx(30 * others["lr"]) and gate["lr_scale"] == 30
+    # one step with no gradient: the gate stays where it is, the heads shrink by lr x decay
+    with torch.no_grad():
+        model.gate.normal_()
+    gate_before, row_before = model.gate.detach().clone(), model.heads[0].weight.detach().clone()
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.equal(model.gate, gate_before)
+    torch.testing.assert_close(model.heads[0].weight, row_before * (1 - 1e-3 * 1e-2))
+    assert len(build("final")[0].configure_optimizer(1e-3).param_groups[1]["params"]) == 0
+
+
+def test_score_fusion_is_a_sum_of_level_functions_and_feature_fusion_is_not():
+    """What the docstrings claim about F_{N-1} + F_N: with scores fused, s(p, f) is a sum of a
+    function of the penultimate features p and one of the final features f, so its mixed
+    difference s(p, f) - s(p', f) - s(p, f') + s(p', f') vanishes; the feature fusion's cosine
+    head normalises the fused features, and so it does not."""
+    p, p2, f, f2 = torch.randn(4, 16, 48).unbind(0)
+    for fusion, is_sum in (("class", True), ("fixed", True), ("feature", False)):
+        model, _ = build(fusion=fusion)
+        with torch.no_grad():
+            if model.gate is not None:
+                model.gate.normal_()
+            s = lambda pen, fin: model.classify(pen, fin).logits
+            mixed = (s(p, f) - s(p2, f) - s(p, f2) + s(p2, f2)).abs().max().item()
+        assert (mixed < 1e-4) == is_sum, (fusion, mixed)
 
 
 def test_one_optimizer_step_turns_head_and_tail_rows_alike():

@@ -169,8 +169,13 @@ def test_export_writes_the_adapted_model_and_load_exported_rebuilds_it(tmp_path,
     with torch.no_grad():
         expected = model(x)
     path = tmp_path / "model.safetensors"
+    given = {name: tensor.clone() for name, tensor in model.state_dict().items()
+             if isinstance(tensor, torch.Tensor)}
     export.export(model, path, model="vit_tiny_patch16_224", model_kwargs=TINY)
-    assert not any(layer.merged for layer in scilt.lora_layers(model))  # left as it was given
+    # the caller's model is left bitwise as it was given: merged beside it, not in place
+    assert not any(layer.merged for layer in scilt.lora_layers(model))
+    assert all(torch.equal(tensor, given[name]) for name, tensor in model.state_dict().items()
+               if isinstance(tensor, torch.Tensor))
     loaded, meta = export.load_exported(path)
     assert loaded.blocks == model.blocks and meta["blocks"] == [b % 3 + 1 for b in blocks]
     with torch.no_grad():
@@ -179,7 +184,7 @@ def test_export_writes_the_adapted_model_and_load_exported_rebuilds_it(tmp_path,
             layer.lora_B.zero_()
         without_lora = model(x)
     torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
-    for level, want in zip(got.levels, expected.levels):
+    for level, want in zip(got.level_scores, expected.level_scores):
         torch.testing.assert_close(level, want, rtol=1e-4, atol=1e-4)
     assert (without_lora.logits - expected.logits).abs().max() > 1e-2  # the update matters here
     # a model merged by its caller stays merged
@@ -207,7 +212,7 @@ def test_predicted_probabilities_are_the_softmax_of_the_fused_scores(tmp_path):
     images = torch.stack([transform(Image.open(row["path"]).convert("RGB")) for row in rows])
     with torch.no_grad():
         out = model(images)
-    fused, final = out.logits.softmax(-1), out.levels[-1].softmax(-1)
+    fused, final = out.logits.softmax(-1), out.level_scores[-1].softmax(-1)
     written = torch.tensor([[float(row[c]) for c in classes] for row in rows])
     torch.testing.assert_close(written, fused, rtol=0, atol=2e-6)
     assert (written - final).abs().max() > 1e-2  # the final head's would differ

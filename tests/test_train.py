@@ -544,7 +544,7 @@ def test_val_score_is_the_fused_predictions_balanced_accuracy():
     with torch.no_grad():
         out = model.eval()(images)
     balanced = [scilt.long_tail_metrics(s.argmax(1), labels, [5, 3, 2])["balanced_acc"]
-                for s in (out.logits, *out.levels)]
+                for s in (out.logits, *out.level_scores)]
     assert len(set(balanced)) == 3  # the heads disagree: the test can tell them apart
     assert score == pytest.approx(balanced[0])
 
