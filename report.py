@@ -43,7 +43,7 @@ def evaluate(model, data_loader, device):
     keep = {"labels": [nothing], **{name: [nothing] for name in heads},
             "h": [torch.zeros(0, len(blocks), model.backbone.num_features)]}
     for images, labels in data_loader:
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with scilt.autocast(device):
             h = scilt.tap(model.backbone, images.to(device, non_blocking=True), blocks)
             out = model.classify(*h[:len(model.blocks)])
         keep["labels"].append(labels)

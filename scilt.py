@@ -104,14 +104,17 @@ def merge_lora(model, merged=True):  # merged=False unmerges
 # The backbone, the tap, the two classifiers and adaptive fusion.
 
 def create_backbone(name, **timm_kwargs):
-    """A timm ViT without its classifier (num_classes=0), as SciLT takes it; timm_kwargs such as
-    pretrained=True, img_size=... or pretrained_cfg_overlay=dict(file=...) go to timm."""
+    """A timm ViT without its classifier, as SciLT takes it; timm_kwargs (pretrained=True, ...)."""
     import timm
 
     model = timm.create_model(name, num_classes=0, **timm_kwargs)
     if not all(hasattr(model, attribute) for attribute in VIT_NEEDS):
         raise ValueError(f"model {name!r} is not a ViT: SciLT needs {', '.join(VIT_NEEDS)}")
     return model
+
+
+def autocast(device):  # every pass: bf16 on a GPU (the real job), float32 on a CPU
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
 def tap(backbone, x, blocks=(-2, -1)):
@@ -179,8 +182,7 @@ class SciLT(nn.Module):
             assert hasattr(backbone, attribute), f"backbone needs `{attribute}` like a timm ViT"
         depth = len(backbone.blocks)
         assert depth >= 2, "the tap needs at least two blocks"
-        in_range = all(-depth <= b < depth for b in blocks)
-        assert in_range, f"blocks must lie in -{depth}..{depth - 1}, got {blocks}"
+        assert all(-depth <= b < depth for b in blocks), f"blocks outside -{depth}..{depth - 1}"
         counts = torch.as_tensor(class_counts, dtype=torch.float)
         assert counts.ndim == 1 and (counts > 0).all(), f"counts must be positive: {class_counts}"
         num_classes, dim = len(counts), backbone.num_features
@@ -243,12 +245,10 @@ class SciLT(nn.Module):
 
     def loss(self, output, target):
         """Dual supervision: L = LA(s) + lambda * sum_l LA(s_l), LA the logit-adjusted loss."""
-        loss = logit_adjusted_loss(output.logits, target, self.log_prior, self.tau)
-        if len(output.level_scores) > 1:
-            per_level = [logit_adjusted_loss(s, target, self.log_prior, self.tau)
-                         for s in output.level_scores]
-            loss = loss + self.aux_weight * sum(per_level)
-        return loss
+        def la(scores):
+            return logit_adjusted_loss(scores, target, self.log_prior, self.tau)
+        per_level = [la(s) for s in output.level_scores] if len(output.level_scores) > 1 else []
+        return la(output.logits) + self.aux_weight * sum(per_level)
 
     @torch.no_grad()
     def init_heads(self, h, labels, max_images=20_000, chunk=4096):

@@ -245,7 +245,7 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
             group["lr"] = get_lr(step, total_steps, args) * group["lr_scale"]
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with scilt.autocast(device):
             loss = model.loss(ddp(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

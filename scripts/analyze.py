@@ -30,7 +30,7 @@ def block_features(backbone, data_loader, device):
     features = [torch.zeros(0, len(backbone.blocks), backbone.num_features)]
     labels = [torch.zeros(0, dtype=torch.long)]  # an empty val set gives empty tensors
     for images, y in data_loader:
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with scilt.autocast(device):
             x = images.to(device, non_blocking=True)
             levels = scilt.tap(backbone, x, range(len(backbone.blocks)))
         features.append(torch.stack(levels, dim=1).float().cpu())

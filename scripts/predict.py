@@ -115,7 +115,7 @@ def predict_images(args):
                      num_workers=args.workers, pin_memory=device.type == "cuda")
     rows, started, failed = [], time.time(), 0
     for i, (x, errors) in enumerate(batches):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with scilt.autocast(device):
             scores = model(x.to(device, non_blocking=True)).logits
         for probabilities, error in zip(scores.float().softmax(-1).cpu(), errors):
             rows.append(row(paths[len(rows)], probabilities, error, classes))

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import scilt  # noqa: E402
 import train  # noqa: E402
 
 FACTORS = itertools.product((0, 1), (1, 2, 3), (0, 1), (0, 1))  # stain, nuclei, shape, texture
@@ -154,7 +155,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         index = torch.randint(held_out, len(images), (recipe["batch_size"],), device=device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with scilt.autocast(device):
             loss = F.cross_entropy(model(batch(index, True)), labels[index], label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -122,3 +122,27 @@ def test_linear_probe_with_logit_adjustment_is_balanced_on_overlapping_long_tail
         return scilt.long_tail_metrics(probe.predict(test_h), test_labels, counts)["balanced_acc"]
 
     assert balanced(1.0) > balanced(0.0) + 0.03
+
+
+@pytest.mark.parametrize("blocks", [(-2, -1), (0, 1)])
+def test_evaluation_of_a_model_on_a_fake_cuda_device_gives_cpu_results(blocks):
+    """The same-device rule in evaluate(): batches from the CPU meet a model "on" cuda (PyTorch's
+    fake tensors, no GPU needed), and what it keeps comes back to the CPU, where the metrics and
+    the probe read it. With blocks (0, 1) the final block is tapped besides the model's levels.
+    The probe itself needs backward, which fake tensors cannot run: tests/test_cuda.py."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model = scilt.SciLT(tiny_vit(), [50, 20, 5], blocks=blocks)
+    images, labels = torch.randn(10, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    batches = [(images[:6], labels[:6]), (images[6:], labels[6:])]
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast says it is off without CUDA
+        model = model.to_empty(device="cuda")
+        evaluation = report.evaluate(model, batches, torch.device("cuda"))
+    assert evaluation.level_features.shape == (10, 2, 48) and evaluation.final.shape == (10, 48)
+    kept = [evaluation.labels, evaluation.level_features, evaluation.final,
+            *evaluation.predicted.values()]
+    assert {tensor.device.type for tensor in kept} == {"cpu"}
+    assert list(evaluation.predicted) == ["fused", *model.level_names()]

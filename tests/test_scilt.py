@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import scilt
 import train
-from conftest import TINY, tiny_vit
+from conftest import ROOT, TINY, tiny_vit
 
 COUNTS = [120, 60, 30, 12, 4]
 LOG_PRIOR = torch.log(torch.tensor(COUNTS) / sum(COUNTS))
@@ -471,6 +471,30 @@ def test_score_fusion_is_a_sum_of_level_functions_and_feature_fusion_is_not():
             s = lambda pen, fin: model.classify(pen, fin).logits
             mixed = (s(p, f) - s(p2, f) - s(p, f2) + s(p2, f2)).abs().max().item()
         assert (mixed < 1e-4) == is_sum, (fusion, mixed)
+
+
+def test_the_readmes_use_of_scilt_py_trains_and_predicts(monkeypatch):
+    """The README's "Use scilt.py in your project" block, run as it stands, on a tiny ViT (timm
+    would fetch the weights it names) and generated images of three colour classes."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use scilt.py in your project", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    vit = tiny_vit()
+    monkeypatch.setattr(scilt, "create_backbone", lambda name, **kwargs: vit)
+    labels = torch.arange(3).repeat_interleave(torch.tensor([24, 12, 6]))
+    images = 0.5 * torch.randn(len(labels), 3, 32, 32)
+    images[torch.arange(len(labels)), labels] += 1.0  # class k: a brighter channel k
+    plain = [(images[i:i + 8], labels[i:i + 8]) for i in range(0, len(labels), 8)]
+    shuffled = [(images[i], labels[i]) for _ in range(3) for i in torch.randperm(42).split(8)]
+    given = dict(class_counts=[24, 12, 6], device=torch.device("cpu"), plain_loader=plain,
+                 train_loader=shuffled)
+    exec(code, given)
+    model, optimizer = given["model"], given["optimizer"]
+    assert model.scale != scilt.COSINE_SCALE  # the heads were started at step 0
+    assert optimizer.param_groups[1]["params"] == [model.gate]
+    assert all(layer.lora_B.abs().sum() > 0 for layer in scilt.lora_layers(model))  # it trained
+    assert given["predicted"].shape == given["labels"].shape
+    assert (given["predicted"] == given["labels"]).float().mean() >= 0.75
 
 
 def test_one_optimizer_step_turns_head_and_tail_rows_alike():
