@@ -147,8 +147,8 @@ def main():
           f"workers, batch {speed['batch_size']}, 1024 x 768 JPEGs)")
     print(f"  model step alone  {speed['model_step_img_s']:.0f} img/s")
     print(f"  loader alone      {speed['loader_img_s']:.0f} img/s (from the workers' start, "
-          f"as in each epoch)\n  the {slower} is the bottleneck: the epoch runs at {100 * share:.0f}% "
-          "of its speed")
+          "as in each epoch)")
+    print(f"  the {slower} is the bottleneck: the epoch runs at {100 * share:.0f}% of its speed")
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"wrote {args.out}")
     ok = summary["cuda_tests"]["passed"] and "failed" not in summary["bench"]
