@@ -56,9 +56,10 @@ def evaluate(model, data_loader, device):
 
 
 def gather(parts):
-    """Every process's share of an evaluation (name -> tensor), joined in the order
-    train.make_loader() dealt them, on every process: shares differ by at most one image, so each
-    is padded to the longest, gathered, and cut back."""
+    """Every process's share of an evaluation (name -> tensor), joined on every process in the
+    set's own order. train.make_loader() deals process r the images r, r + W, r + 2W, ... of W
+    processes: the shares, padded to the longest, interleave back into the set, and the padding
+    falls past its end, where it is cut off."""
     if not dist.is_initialized():
         return parts
     on_gpu = dist.get_backend() == "nccl"
@@ -66,13 +67,14 @@ def gather(parts):
     world = dist.get_world_size()
     lengths = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(lengths, torch.tensor([len(parts["labels"])], device=device))
-    longest, joined = int(max(lengths)), {}
+    total, longest, joined = int(sum(lengths)), int(max(lengths)), {}
     for key, value in parts.items():
         padded = value.new_zeros((longest, *value.shape[1:]), device=device)
         padded[:len(value)] = value
-        shares = [torch.empty_like(padded) for _ in lengths]
+        shares = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(shares, padded)
-        joined[key] = torch.cat([share[:int(n)] for share, n in zip(shares, lengths)]).cpu()
+        in_order = torch.stack(shares, dim=1).flatten(0, 1)  # (longest * W, ...): r, r + W, ...
+        joined[key] = in_order[:total].cpu()
     return joined
 
 

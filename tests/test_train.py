@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import checkpoint
+import export
+import predict
 import report
 import scilt
 import train
@@ -90,6 +92,12 @@ def test_default_run_writes_the_report(finished_run):
     assert sum(v.numel() for k, v in checkpoint["model"].items()
                if k not in scales) == metrics["trainable_params"]
     assert checkpoint["args"]["method"] == "scilt" and checkpoint["state"]["epoch"] == 1
+    # the run's optimizer is the method's: the gate alone in a group without weight decay, at
+    # GATE_LR_SCALE x the others' learning rate at every step
+    others, gate = checkpoint["optimizer"]["param_groups"]
+    assert len(gate["params"]) == 1 and gate["weight_decay"] == 0.0
+    assert others["weight_decay"] == scilt.WEIGHT_DECAY
+    assert gate["lr"] == pytest.approx(scilt.GATE_LR_SCALE * others["lr"]) and others["lr"] > 0
     assert (out / "splits.csv").read_text().count("\n") == 988 + 200 + 1000 + 1
     for head in metrics["heads"].values():  # what report.png draws
         assert list(head["per_class_acc"]) == list(metrics["class_counts"])
@@ -294,27 +302,30 @@ train.main()
 
 
 def test_torchrun_two_processes(tmp_path, capsys):
-    """Two processes train as one: every test image once, the report once. The step-0 probe takes
+    """Two processes train as one: every image once, the report once. The step-0 probe takes
     longer than the processes may wait for each other (25 s against 15 s): every process fits it,
-    so none waits. A resume by another number of processes is refused."""
+    so none waits. The 1,027 training images (r = 80) do not split evenly: the shares, padded to be
+    gathered, are cut back, so that one process evaluating the same checkpoint finds every figure
+    the same. A resume by another number of processes is refused."""
     out, program = tmp_path / "ddp", tmp_path / "slow_step_zero.py"
     program.write_text(SLOW_STEP_ZERO.format(root=str(ROOT)))
+    uneven = [*FAST, "--imbalance-ratio", "80"]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(program),
-               *FAST, "--out", str(out)]
+               *uneven, "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("Rademacher complexity") == 1  # only rank 0 reports
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["rademacher"]["n"] == 988  # the whole training set's features, once each
+    assert metrics["rademacher"]["n"] == 1027  # the whole training set's features, once each
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "report.png",
                                                      "splits.csv"]
-    # the two processes' shares of the test set, gathered, are the whole set once: one process
-    # re-evaluating the same checkpoint gets every per-class accuracy the same
-    alone = run(*FAST, "--out", str(out), "--eval-only")
-    assert alone["per_class_acc"] == metrics["per_class_acc"] and alone["heads"] == metrics["heads"]
+    # the two processes' shares, gathered, are each set once: one process re-evaluating the same
+    # checkpoint gets every figure the same, of the test set and of the training set
+    alone = run(*uneven, "--out", str(out), "--eval-only")
+    assert comparable(alone) == comparable(metrics)
     # the schedule's steps per epoch depend on the number of processes
-    error = fails(capsys, *FAST, "--out", str(out), "--resume")
+    error = fails(capsys, *uneven, "--out", str(out), "--resume")
     assert "was trained by 2 process(es), but this run has 1" in error
     assert "torchrun --nproc_per_node=2" in error
 
@@ -525,6 +536,50 @@ def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enoug
     if enough_val:
         assert epoch1["per_class_acc"] == metrics["per_class_acc"]
         assert epoch1["heads"] == metrics["heads"]
+    # prediction and export use the model the report describes: the kept epoch's, not the last's
+    kept = torch.load(first / "checkpoint.pt", weights_only=True)["model"]
+    last = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert not torch.equal(kept["gate"], last["gate"])
+    expected = kept if enough_val else last
+    model, _, _ = predict.load_run(tmp_path / "run", torch.device("cpu"))
+    assert torch.equal(model.gate, expected["gate"])
+    exported = export.export_run(tmp_path / "run", tmp_path / "model.safetensors")
+    assert torch.equal(export.load_exported(exported)[0].gate, expected["gate"])
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """12 items, each an "augmentation" drawn from torch's generator as the transforms draw theirs;
+    `drawn` keeps them in the order drawn."""
+
+    def __init__(self):
+        self.drawn = []
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        self.drawn.append(torch.rand(3, 32, 32))
+        return self.drawn[-1], i % 3
+
+
+def test_each_epoch_draws_new_augmentations_and_a_resumed_epoch_the_same():
+    """Each epoch seeds the generator by the seed and the epoch: the second epoch draws none of the
+    first's augmentations (a generator seeded alike would draw the same ones, only dealt to other
+    images by the shuffle), and an epoch run again from a fresh start, as --resume runs it, draws
+    exactly what it drew in the uninterrupted run."""
+    args = argparse.Namespace(epochs=3, batch_size=4, lr=1e-3, seed=0, workers=0, out="unused")
+    model, images = scilt.SciLT(tiny_vit(), [4, 4, 4]), RandomImages()
+    optimizer = model.configure_optimizer(args.lr)
+    loader = train.make_loader(images, args, torch.device("cpu"), train=True)
+    for epoch in (0, 1):
+        train.train_one_epoch(model, model, optimizer, loader, epoch, args, torch.device("cpu"),
+                              lambda *_: None)
+    torch.manual_seed(123)  # whatever the generator did before: a new process
+    train.train_one_epoch(model, model, optimizer, loader, 1, args, torch.device("cpu"),
+                          lambda *_: None)
+    first, second, resumed = images.drawn[:12], images.drawn[12:24], images.drawn[24:]
+    assert not any(torch.equal(a, b) for a in first for b in second)
+    assert all(torch.equal(a, b) for a, b in zip(second, resumed)) and len(resumed) == 12
 
 
 def test_val_score_is_the_fused_predictions_balanced_accuracy():
