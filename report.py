@@ -2,6 +2,7 @@
 process or several), the two bars training must clear (the model at step 0 and a linear probe on
 the frozen features), every head's row, the printed tables, metrics.json and report.png.
 """
+import csv
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -181,6 +182,58 @@ def finish(model, loaders, data, before, facts, device, out, log):
 
 
 # --------------------------------------------------------------------------------------------------
+# history.csv: a row per epoch, written as the epoch ends.
+
+def history_row(model, epoch, losses, lr, val_scores, seconds, images):
+    """The epoch's mean training loss and its terms (loss_fused: LA(s); loss_<level>: LA(s_l)),
+    the learning rate at its end, each head's val balanced accuracy (empty without val), the gate's
+    mean weight on each level over the classes, its seconds and images per second."""
+    names = model.level_names()
+    row = {"epoch": epoch, "loss": losses[0], "loss_fused": losses[1]}
+    row.update({f"loss_{name}": value for name, value in zip(names, losses[2:])})
+    row["lr"] = lr
+    row.update({f"val_{head}": val_scores.get(head) for head in ["fused", *names]})
+    weights = model.level_weights().detach().mean(0).tolist()
+    row.update({f"weight_{name}": weight for name, weight in zip(names, weights)})
+    row.update(seconds=seconds, images_per_s=images / seconds)
+    return {key: f"{value:.6g}" if isinstance(value, float) else value
+            for key, value in row.items()}
+
+
+def append_history(out, row):
+    """One row at the end of history.csv, flushed: a run killed later keeps the rows it wrote."""
+    path = Path(out) / "history.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_history(out):
+    """history.csv's rows (column -> float, None where empty); none if there is no file."""
+    path = Path(out) / "history.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return [{key: float(value) if value else None for key, value in row.items()}
+                for row in csv.DictReader(file)]
+
+
+def keep_history(out, epochs):
+    """history.csv's rows of the first `epochs` epochs alone, as the checkpoint holds them: a run
+    killed between an epoch's row and its checkpoint wrote a row that its resumption writes again."""
+    path, rows = Path(out) / "history.csv", read_history(out)
+    kept = [row for row in rows if row["epoch"] <= epochs]
+    if len(kept) == len(rows):
+        return
+    path.unlink()
+    for row in kept:
+        append_history(out, {key: "" if v is None else f"{v:.6g}" for key, v in row.items()})
+
+
+# --------------------------------------------------------------------------------------------------
 # metrics.json, the printed tables and report.png.
 
 def fusion_val_correlation(a, val, counts):
@@ -279,7 +332,7 @@ def write(metrics, out):
     temporary = out / "metrics.json.tmp"
     temporary.write_text(json.dumps(metrics, indent=2))
     temporary.replace(out / "metrics.json")
-    plot_report(metrics, out / "report.png")
+    plot_report(metrics, out / "report.png", read_history(out))
 
 
 def pyplot():
@@ -296,15 +349,16 @@ STYLES = {"start": dict(color="0.6", marker="o", ms=3),
           "fused": dict(color="tab:red", marker="o", lw=2)}
 
 
-def plot_report(metrics, path):
+def plot_report(metrics, path, history=()):
     """report.png: each class's test accuracy against its training count, one series per head
-    (where the tail gains or loses), and each class's fusion weight a (1: the penultimate layer)."""
+    (where the tail gains or loses); each class's fusion weight a (1: the penultimate layer); and
+    the training curves of history.csv with the epoch the run kept."""
     plt = pyplot()
     classes = list(metrics["class_counts"])
     counts = np.array(list(metrics["class_counts"].values()))
     order = np.argsort(-counts, kind="stable")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5),
-                                      gridspec_kw=dict(width_ratios=(2, 1)))
+    fig, (left, right, curves) = plt.subplots(1, 3, figsize=(17, 4.5),
+                                              gridspec_kw=dict(width_ratios=(2, 1, 1.4)))
     for name, head in metrics["heads"].items():
         if head:
             accuracy = [head["per_class_acc"][classes[k]] for k in order]
@@ -321,6 +375,28 @@ def plot_report(metrics, path):
     right.axhline(0.5, color="0.6", lw=0.8)
     right.set(xscale="log", ylim=(-0.05, 1.05), xlabel="training images of the class (log scale)",
               ylabel="a (1: penultimate, 0: final)", title="fusion weight per class")
+    plot_curves(curves, history, metrics.get("best_epoch"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_curves(ax, history, kept_epoch):
+    """The training loss (left axis) and each head's val balanced accuracy (right) by epoch."""
+    ax.set(xlabel="epoch", ylabel="training loss", title="training (history.csv)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if not history:
+        ax.text(0.5, 0.5, "no epochs trained", ha="center", transform=ax.transAxes)
+        return
+    epochs = [row["epoch"] for row in history]
+    ax.plot(epochs, [row["loss"] for row in history], color="k", label="training loss")
+    val = ax.twinx()
+    for column in (c for c in history[0] if c.startswith("val_")):
+        scores = [np.nan if row[column] is None else 100 * row[column] for row in history]
+        val.plot(epochs, scores, **STYLES.get(column[4:], dict(marker="v", ms=3)),
+                 label=f"val {column[4:]}")
+    val.set_ylabel("val balanced accuracy (%)")
+    if kept_epoch:
+        ax.axvline(kept_epoch, color="0.5", ls="--", lw=0.8, label=f"kept: epoch {kept_epoch}")
+    lines = ax.get_legend_handles_labels()[0] + val.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="center right")

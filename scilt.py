@@ -5,8 +5,8 @@ a frozen timm ViT, LoRA written from scratch, cosine classifiers on the penultim
 (s_2) blocks' features fused by a learned per-class gate, dual supervision with logit-adjusted
 cross-entropy (Menon et al. 2021), the step-0 start and the optimizer's groups, long-tail metrics
 and a Rademacher sanity check of F_{N-1} + F_N. Where the paper's equations (not public) leave a
-detail open, this is our reading. Blocks are 0-based as in timm: the paper's N-1 and N are -2, -1.
-Needs torch and numpy, and timm to build a backbone.
+detail open, this is our reading. Blocks are 0-based as in timm (N-1 and N are -2 and -1). Needs
+torch and numpy, and timm to build a backbone.
 """
 import math
 from collections import namedtuple
@@ -211,8 +211,7 @@ class SciLT(nn.Module):
         return tap(self.backbone, x, self.blocks)
 
     def level_weights(self):
-        """(K, L): per class, how much the prediction leans on each level (rows sum to 1; the
-        channels' mean with feature fusion). With the paper's two levels, column 0 is a."""
+        """(K, L): how much each class's prediction leans on each level; column 0 is a."""
         if self.fusion == "feature":
             return torch.softmax(self.gate, dim=1).mean(0).expand(len(self.log_prior), -1)
         if self.gate is not None:
@@ -243,12 +242,14 @@ class SciLT(nn.Module):
         weights = torch.softmax(self.gate, dim=1).to(h[0].dtype)  # (D, L)
         return sum(weights[:, l] * F.normalize(h_l, dim=-1) for l, h_l in enumerate(h))
 
-    def loss(self, output, target):
-        """Dual supervision: L = LA(s) + lambda * sum_l LA(s_l), LA the logit-adjusted loss."""
-        def la(scores):
-            return logit_adjusted_loss(scores, target, self.log_prior, self.tau)
-        per_level = [la(s) for s in output.level_scores] if len(output.level_scores) > 1 else []
-        return la(output.logits) + self.aux_weight * sum(per_level)
+    def loss(self, output, target, *, terms=False):
+        """Dual supervision: L = LA(s) + lambda * sum_l LA(s_l), LA the logit-adjusted loss; with
+        terms=True, also its terms [LA(s), LA(s_1), ...] (1 + L,), detached (one level: LA(s))."""
+        scores = [output.logits] + (output.level_scores if len(output.level_scores) > 1 else [])
+        per_head = [logit_adjusted_loss(s, target, self.log_prior, self.tau) for s in scores]
+        parts = torch.stack(per_head)
+        total = parts[0] + self.aux_weight * parts[1:].sum()
+        return (total, parts.detach()) if terms else total
 
     @torch.no_grad()
     def init_heads(self, h, labels, max_images=20_000, chunk=4096):
@@ -360,8 +361,7 @@ def rademacher_draws(features, bound, draws=1000, seed=0):
     return torch.cat(sups)
 
 
-# One class's complexity: the Monte-Carlo mean, its standard error, the bound (Jensen), mean / bound
-Estimate = namedtuple("Estimate", "estimate stderr bound fraction")
+Estimate = namedtuple("Estimate", "estimate stderr bound fraction")  # fraction: estimate / bound
 
 
 class RademacherCheck(NamedTuple):

@@ -231,14 +231,15 @@ def get_lr(step, total_steps, args):
 
 
 def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log):
-    """One pass over the training set; returns its seconds. Stops on a non-finite loss."""
+    """One pass over the training set: its seconds, images, and mean loss and terms (the loss's,
+    LA(s)'s, each level's, over every process). Stops on a non-finite loss."""
     steps, total_steps = len(train_loader), args.epochs * len(train_loader)
     log_every = max(1, min(50, steps // 4))
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(args.seed + 1000 * rank + epoch)  # the same draws on a resumed run
     train_loader.sampler.set_epoch(epoch)
     ddp.train()
-    started, seen, loss_sum = time.time(), 0, torch.zeros((), device=device)
+    started, seen, sums = time.time(), 0, 0  # sums: of the loss and its terms, on the device
     for i, (images, labels) in enumerate(train_loader):
         step = epoch * steps + i
         for group in optimizer.param_groups:
@@ -246,17 +247,17 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with scilt.autocast(device):
-            loss = model.loss(ddp(images), labels)
+            loss, terms = model.loss(ddp(images), labels, terms=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach()
+        sums = sums + torch.cat([loss.detach()[None], terms])
         seen += len(images)
         if (i + 1) % log_every == 0 or i + 1 == steps:
-            total_loss = loss_sum.clone()
+            total = sums.clone()
             if world() > 1:  # every process sees the same mean: all stop together on a bad loss
-                dist.all_reduce(total_loss)
-            mean_loss = total_loss.item() / (world() * (i + 1))
+                dist.all_reduce(total)
+            mean_loss = total[0].item() / (world() * (i + 1))
             if not math.isfinite(mean_loss):
                 saved = Path(args.out, "checkpoint.pt")
                 kept = f"the last good checkpoint is {saved}" if saved.exists() else \
@@ -268,31 +269,34 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
             log(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {mean_loss:.4f} "
                 f"lr {get_lr(step, total_steps, args):.2e} {seen * world() / elapsed:.0f} img/s "
                 f"left {int(left // 60)}m{int(left % 60):02d}s")
-    return time.time() - started
+    return time.time() - started, seen * world(), (total / (world() * steps)).tolist()
 
 
-def val_score(model, val_loader, counts, device):
-    """The fused prediction's balanced accuracy on val, and whether val can choose the epoch a run
-    keeps: MIN_VAL_PER_CLASS images of every class."""
+def val_scores(model, val_loader, counts, device):
+    """Each head's balanced accuracy on val ("fused" first), and whether val can choose the epoch a
+    run keeps: MIN_VAL_PER_CLASS images of every class."""
     val = report.evaluate(model, val_loader, device)
     enough = bool(torch.bincount(val.labels, minlength=len(counts)).min() >= MIN_VAL_PER_CLASS)
-    return report.head_metrics(val.predicted["fused"], val.labels, counts)["balanced_acc"], enough
+    return {head: report.head_metrics(predicted, val.labels, counts)["balanced_acc"]
+            for head, predicted in val.predicted.items()}, enough
 
 
 def train_epochs(model, optimizer, state, data, val_loader, args, device, log, checkpoint_path):
     """From state["epoch"] to args.epochs: train, keep the epoch that does best on val where val
-    can choose (else the last one), save a checkpoint after each epoch."""
+    can choose (else the last one); after each epoch a row of history.csv, then a checkpoint."""
     if len(data.val) == 0:
         log("no val images: the last epoch is kept")
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     train_loader = make_loader(data.train, args, device, train=True)
     for epoch in range(state["epoch"], args.epochs):
-        seconds = train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, log)
+        seconds, images, losses = train_one_epoch(model, ddp, optimizer, train_loader, epoch, args,
+                                                  device, log)
         state["train_seconds"] += seconds
         state["epoch"] = epoch + 1
-        score, by_val = 0.0, False
+        scores, by_val = {}, False
         if len(data.val):
-            score, by_val = val_score(model, val_loader, data.class_counts, device)
+            scores, by_val = val_scores(model, val_loader, data.class_counts, device)
+        score = scores.get("fused", 0.0)
         if not by_val or score > state["best_val"]:
             state.update(best_val=score, best_epoch=epoch + 1,
                          best=checkpoint.trainable_state(model))
@@ -302,6 +306,9 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
         if len(data.val):
             log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% ({kept})")
         if not dist.is_initialized() or dist.get_rank() == 0:
+            lr = optimizer.param_groups[0]["lr"]  # its last step's
+            report.append_history(args.out, report.history_row(model, epoch + 1, losses, lr, scores,
+                                                               seconds, images))
             saved = {"state": state, "model": checkpoint.trainable_state(model),
                      "classes": data.classes, "class_counts": data.class_counts,
                      "optimizer": optimizer.state_dict(), "args": vars(args),
@@ -362,6 +369,8 @@ def run(args):
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             write_splits(out / "splits.csv", data)
+    if rank == 0 and not args.eval_only:  # rows of epochs the checkpoint holds, no later ones
+        report.keep_history(out, state["epoch"])
 
     if not args.eval_only:
         train_epochs(model, optimizer, state, data, loaders["val"], args, device, log,

@@ -146,3 +146,29 @@ def test_evaluation_of_a_model_on_a_fake_cuda_device_gives_cpu_results(blocks):
             *evaluation.predicted.values()]
     assert {tensor.device.type for tensor in kept} == {"cpu"}
     assert list(evaluation.predicted) == ["fused", *model.level_names()]
+
+
+def test_report_png_draws_the_training_curves_and_marks_the_kept_epoch(tmp_path, monkeypatch):
+    """report.png's third panel: the loss of history.csv by epoch, each head's val balanced
+    accuracy, and a line at the epoch the run kept."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at
+    classes = {"a": 50, "b": 5}
+    head = {"balanced_acc": 0.5, "per_class_acc": {"a": 0.6, "b": 0.4}}
+    metrics = {"class_counts": classes, "heads": {"fused": head, "final": head},
+               "fusion_weights": {"a": 0.4, "b": 0.7}, "best_epoch": 2}
+    history = [{"epoch": 1, "loss": 2.0, "val_fused": 0.5, "val_final": None},
+               {"epoch": 2, "loss": 1.5, "val_fused": 0.7, "val_final": 0.6},
+               {"epoch": 3, "loss": 1.2, "val_fused": 0.6, "val_final": 0.65}]
+    report.plot_report(metrics, tmp_path / "report.png", history)
+    curves = figures[0].axes[2]
+    loss = [line for line in curves.lines if line.get_label() == "training loss"][0]
+    assert list(loss.get_xdata()) == [1, 2, 3] and list(loss.get_ydata()) == [2.0, 1.5, 1.2]
+    kept = [line for line in curves.lines if line.get_label() == "kept: epoch 2"][0]
+    assert list(kept.get_xdata()) == [2, 2]
+    val = {line.get_label(): list(line.get_ydata()) for line in figures[0].axes[3].lines}
+    assert val["val fused"] == pytest.approx([50, 70, 60])
+    assert val["val final"][1:] == pytest.approx([60, 65]) and np.isnan(val["val final"][0])
+    assert (tmp_path / "report.png").stat().st_size > 0

@@ -82,6 +82,18 @@ def test_default_run_writes_the_report(finished_run):
     assert "Rademacher complexity" in printed
     assert "img/s" in printed
     assert "start (step 0)" in printed and "linear probe" in printed
+    # history.csv: the epoch's row holds the mean loss the loop printed at its last step, its
+    # terms, the val score printed after it and the gate's mean weights
+    [row] = report.read_history(out)
+    last_step = [line for line in printed.splitlines() if "step 15/15" in line][0]
+    assert f"loss {row['loss']:.4f}" in last_step
+    assert row["loss"] == pytest.approx(row["loss_fused"] + 0.5 * (row["loss_penultimate"]
+                                                                   + row["loss_final"]), rel=1e-4)
+    assert f"epoch 1: val balanced acc {100 * row['val_fused']:.1f}%" in printed
+    assert 0 < row["val_penultimate"] <= 1 and 0 < row["val_final"] <= 1
+    assert row["weight_penultimate"] == pytest.approx(np.mean(a), abs=1e-5)
+    assert row["weight_penultimate"] + row["weight_final"] == pytest.approx(1, abs=1e-5)
+    assert row["lr"] > 0 and row["images_per_s"] > 0 and row["epoch"] == 1
     # the checkpoint holds what learns and the heads' scale fitted at step 0, not the frozen
     # backbone, and loads without pickled code
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -149,34 +161,48 @@ def test_blocks_fuses_any_set_of_levels(tmp_path, capsys):
     assert "was trained with --blocks 1 5 6, but this run asks for --blocks 5 6" in error
 
 
-TWO_EPOCHS = ("--img-size", "16", "--epochs", "2")
+THREE_EPOCHS = ("--img-size", "16", "--epochs", "3")
 
 
 @pytest.fixture(scope="session")
 def cut_run(tmp_path_factory):
-    """A two-epoch run killed right after its checkpoint of epoch 1 was saved (copy it to go on)."""
-    out, save = tmp_path_factory.mktemp("cut") / "run", checkpoint.save_atomically
+    """A three-epoch run killed as it was about to save its checkpoint of epoch 2, after that
+    epoch's row of history.csv: its checkpoint holds epoch 1 (copy the folder to go on)."""
+    out, save, saves = tmp_path_factory.mktemp("cut") / "run", checkpoint.save_atomically, []
 
-    def stop_after_first_checkpoint(obj, path):
+    def stop_at_second_checkpoint(obj, path):
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
         save(obj, path)
-        raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(checkpoint, "save_atomically", stop_after_first_checkpoint)
-        train.main([*TWO_EPOCHS, "--out", str(out)])
+        patch.setattr(checkpoint, "save_atomically", stop_at_second_checkpoint)
+        train.main([*THREE_EPOCHS, "--out", str(out)])
     assert not (out / "metrics.json").exists()
+    assert len(report.read_history(out)) == 2  # one row more than the checkpoint holds
     return out
 
 
 def test_resume_ends_like_an_uninterrupted_run(tmp_path, cut_run, capsys):
-    whole = run(*TWO_EPOCHS, "--out", str(tmp_path / "whole"))
+    """The resumed run's metrics are the uninterrupted run's, and so is its history: a row per
+    epoch, the second written again rather than doubled."""
+    whole = run(*THREE_EPOCHS, "--out", str(tmp_path / "whole"))
     shutil.copytree(cut_run, tmp_path / "cut")
-    resumed = run(*TWO_EPOCHS, "--out", str(tmp_path / "cut"), "--resume")
-    assert "1 of 2 epoch(s) done" in capsys.readouterr().out
+    resumed = run(*THREE_EPOCHS, "--out", str(tmp_path / "cut"), "--resume")
+    assert "1 of 3 epoch(s) done" in capsys.readouterr().out
     assert comparable(resumed) == comparable(whole)
+
+    def history(out):  # less the columns of time
+        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
+                for row in report.read_history(out)]
+
+    assert [row["epoch"] for row in history(tmp_path / "cut")] == [1, 2, 3]
+    assert history(tmp_path / "cut") == history(tmp_path / "whole")
     # --eval-only re-evaluates the saved model and reproduces its metrics
-    again = run(*TWO_EPOCHS, "--out", str(tmp_path / "cut"), "--eval-only")
+    again = run(*THREE_EPOCHS, "--out", str(tmp_path / "cut"), "--eval-only")
     assert comparable(again) == comparable(whole)
+    assert len(report.read_history(tmp_path / "cut")) == 3
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
@@ -250,9 +276,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, m
     out = str(tmp_path / "run")
     shutil.copytree(cut_run, out)
     saved = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(scilt.SciLT, "loss",
-                        lambda self, output, target: output.logits.sum() * float("nan"))
-    error = fails(capsys, *TWO_EPOCHS, "--out", out, "--resume")
+    def nan_loss(self, output, target, terms=False):
+        loss = output.logits.sum() * float("nan")
+        return (loss, loss.detach()[None]) if terms else loss
+
+    monkeypatch.setattr(scilt.SciLT, "loss", nan_loss)
+    error = fails(capsys, *THREE_EPOCHS, "--out", out, "--resume")
     assert "the loss became nan in epoch 2" in error
     assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoint.pt'}" in error
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == saved
@@ -517,7 +546,7 @@ def test_the_epoch_a_run_keeps_is_the_one_evaluated(tmp_path, monkeypatch, enoug
     differ there even where their predictions on these few images agree)."""
     images = colour_folder(tmp_path / "images")
     scores = iter([0.9, 0.1])
-    monkeypatch.setattr(train, "val_score", lambda *args: (next(scores), enough_val))
+    monkeypatch.setattr(train, "val_scores", lambda *args: ({"fused": next(scores)}, enough_val))
     save, first = checkpoint.save_atomically, tmp_path / "epoch1"
 
     def keep_first_checkpoint(obj, path):
@@ -582,9 +611,9 @@ def test_each_epoch_draws_new_augmentations_and_a_resumed_epoch_the_same():
     assert all(torch.equal(a, b) for a, b in zip(second, resumed)) and len(resumed) == 12
 
 
-def test_val_score_is_the_fused_predictions_balanced_accuracy():
+def test_val_scores_are_each_heads_balanced_accuracy():
     """The epoch a run keeps is chosen by the fused prediction, not by one of its heads: with heads
-    and a gate that make the three disagree, val_score is the fused one's balanced accuracy."""
+    and a gate that make the three disagree, val_scores gives each its own balanced accuracy."""
     model = scilt.SciLT(tiny_vit(), [5, 3, 2]).eval()
     labels = torch.arange(3).repeat(20)
     images = torch.randn(60, 3, 32, 32) + labels[:, None, None, None] * torch.randn(1, 3, 32, 32)
@@ -595,13 +624,14 @@ def test_val_score_is_the_fused_predictions_balanced_accuracy():
     args = argparse.Namespace(batch_size=16, workers=0)
     val = train.make_loader(torch.utils.data.TensorDataset(images, labels), args,
                             torch.device("cpu"))
-    score, _ = train.val_score(model, val, [5, 3, 2], torch.device("cpu"))
+    scores, _ = train.val_scores(model, val, [5, 3, 2], torch.device("cpu"))
     with torch.no_grad():
         out = model.eval()(images)
     balanced = [scilt.long_tail_metrics(s.argmax(1), labels, [5, 3, 2])["balanced_acc"]
                 for s in (out.logits, *out.level_scores)]
     assert len(set(balanced)) == 3  # the heads disagree: the test can tell them apart
-    assert score == pytest.approx(balanced[0])
+    assert list(scores.values()) == pytest.approx(balanced)
+    assert list(scores) == ["fused", "penultimate", "final"]
 
 
 def test_val_can_choose_the_epoch_only_with_enough_images_of_every_class():
@@ -611,5 +641,5 @@ def test_val_can_choose_the_epoch_only_with_enough_images_of_every_class():
         torch.randn(2 * per_class, 3, 32, 32), torch.arange(2).repeat_interleave(per_class))
     for per_class in (train.MIN_VAL_PER_CLASS - 1, train.MIN_VAL_PER_CLASS):
         val = train.make_loader(images(per_class), args, torch.device("cpu"))
-        score, enough = train.val_score(model, val, [5, 3], torch.device("cpu"))
-        assert 0 <= score <= 1 and enough == (per_class == train.MIN_VAL_PER_CLASS)
+        scores, enough = train.val_scores(model, val, [5, 3], torch.device("cpu"))
+        assert 0 <= scores["fused"] <= 1 and enough == (per_class == train.MIN_VAL_PER_CLASS)
