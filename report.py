@@ -141,13 +141,23 @@ def fit_probe(train_h, train_labels, val_h, val_labels, counts, tau=1.0, device=
 
 
 def start_metrics(train, val, test, counts, groups, classes, tau=1.0, device="cpu", steps=200):
-    """The model at step 0 (class-mean heads on the pretrained features, fused as the method fuses
-    them) and a linear probe on the pretrained final-layer features, on test: the two bars training
-    must clear. `train`, `val`, `test`: train.Evaluation; `groups`: the counts that define many /
-    medium / few."""
-    probe = fit_probe(train.final, train.labels, val.final, val.labels, counts, tau, device, steps)
-    return {"start": head_metrics(test.predicted["fused"], test.labels, groups, classes),
-            "probe": head_metrics(probe.predict(test.final), test.labels, groups, classes)}
+    """The bars training must clear, on test: the model at step 0 (class-mean heads on the
+    pretrained features, fused as the method fuses them), a linear probe on the pretrained final
+    block's features, and one on the model's own levels concatenated (what a method reading two
+    levels must beat, as DINOv2's linear evaluation reads the last blocks together). `train`,
+    `val`, `test`: Evaluation; `groups`: the counts that define many / medium / few."""
+    def probe_row(features):  # features(evaluation) -> (N, D'): fitted, chosen on val, scored
+        probe = fit_probe(features(train), train.labels, features(val), val.labels, counts, tau,
+                          device, steps)
+        return head_metrics(probe.predict(features(test)), test.labels, groups, classes)
+
+    rows = {"start": head_metrics(test.predicted["fused"], test.labels, groups, classes),
+            "probe": probe_row(lambda evaluation: evaluation.final)}
+    only_final = train.level_features.shape[1] == 1 and torch.equal(train.level_features[:, 0],
+                                                                    train.final)
+    rows["probe_levels"] = rows["probe"] if only_final else \
+        probe_row(lambda evaluation: evaluation.level_features.flatten(1))  # (N, L * D)
+    return rows
 
 
 def step_zero(model, loaders, data, device, tau, log):
@@ -163,7 +173,8 @@ def step_zero(model, loaders, data, device, tau, log):
                            tau, device)
     log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale "
         f"fitted to {model.scale:.3g}), linear probe on frozen features "
-        f"{100 * before['probe']['balanced_acc']:.1f}% balanced accuracy")
+        f"{100 * before['probe']['balanced_acc']:.1f}%, on the levels "
+        f"{100 * before['probe_levels']['balanced_acc']:.1f}% balanced accuracy")
     return before
 
 
@@ -252,11 +263,12 @@ def fusion_val_correlation(a, val, counts):
 def report(model, test, val, train, data, before):
     """metrics.json, accuracies as fractions: the fused prediction's `overall_acc`,
     `balanced_acc`, `macro_f1`, `many` / `medium` / `few` (by data.group_counts), `head` / `middle`
-    / `tail` (by rank) and `per_class_acc`; `heads`: the same for `start` (step 0), `probe`,
-    `fused` and each level's head (`penultimate`, `final`, `block<l>`; None for one the method
-    lacks); `class_counts`; `fusion_weights` (class -> a, its weight on the levels below the final
-    block: for the paper's two, on the penultimate one); `level_weights` (class -> level ->
-    weight); `fusion_val_correlation`; `rademacher` (scilt.rademacher_check on the training
+    / `tail` (by rank) and `per_class_acc`; `heads`: the same for `start` (step 0), `probe` (the
+    final block), `probe_levels` (the model's levels), `fused` and each level's head
+    (`penultimate`, `final`, `block<l>`; None for one the method lacks); `class_counts`;
+    `fusion_weights` (class -> a, its weight on the levels below the final block: for the paper's
+    two, on the penultimate one); `level_names`; `level_weights` (class -> level -> weight);
+    `fusion_val_correlation`; `rademacher` (scilt.rademacher_check on the training
     sample, with its balanced accuracy and the train - test gap)."""
     names, classes, groups = model.level_names(), data.classes, data.group_counts
     heads = {name: head_metrics(test.predicted[name], test.labels, groups, classes)
@@ -284,6 +296,7 @@ def report(model, test, val, train, data, before):
         "class_counts": dict(zip(classes, data.class_counts)),
         "heads": rows,
         "fusion_weights": dict(zip(classes, a.tolist())),
+        "level_names": names,
         "level_weights": {c: dict(zip(names, w)) for c, w in zip(classes, weights.tolist())},
         "fusion_val_correlation": correlation,
         "rademacher": {"classes": {k: v._asdict() for k, v in check.classes.items()},
@@ -299,12 +312,13 @@ def percent(value):
 
 def print_report(metrics):
     columns = ("overall_acc", "balanced_acc", "many", "medium", "few", "head", "middle", "tail")
-    labels = {"start": "start (step 0)", "probe": "linear probe", "fused": "fused"}
-    print(f"\n{'test set':22s}" + "".join(f"{c.removesuffix('_acc'):>9s}" for c in columns))
+    labels = {"start": "start (step 0)", "probe": "linear probe", "fused": "fused",
+              "probe_levels": "probe " + "+".join(metrics["level_names"])}
+    print(f"\n{'test set':24s}" + "".join(f"{c.removesuffix('_acc'):>9s}" for c in columns))
     for name, head in metrics["heads"].items():
         if head:
             label = labels.get(name, f"{name} head")
-            print(f"{label:22s}" + "".join(f"{percent(head[c]):>9s}" for c in columns))
+            print(f"{label:24s}" + "".join(f"{percent(head[c]):>9s}" for c in columns))
     print(f"\n{'class':26s}{'train':>7s}{'acc':>8s}{'a':>13s}")
     for name, count in metrics["class_counts"].items():
         print(f"{name:26s}{count:7d}{percent(metrics['per_class_acc'][name]):>8s}"
@@ -344,6 +358,7 @@ def pyplot():
 
 STYLES = {"start": dict(color="0.6", marker="o", ms=3),
           "probe": dict(color="k", ls="--", marker="x"),
+          "probe_levels": dict(color="0.35", ls=":", marker="+"),
           "final": dict(color="tab:blue", marker="s", ms=3),
           "penultimate": dict(color="tab:green", marker="^", ms=3),
           "fused": dict(color="tab:red", marker="o", lw=2)}

@@ -75,6 +75,9 @@ class LoRALinear(nn.Module):
             self.base.weight += sign * self.delta_weight().to(self.base.weight.dtype)
             self.merged = merged
 
+    def unmerge(self):
+        self.merge(False)
+
 
 def add_lora(model, rank=8, alpha=None, targets=("qkv", "proj")):
     """Wrap every nn.Linear in `model.blocks` whose last name is in `targets` (the attention's `qkv`
@@ -105,8 +108,7 @@ def merge_lora(model, merged=True):  # merged=False unmerges
 
 def create_backbone(name, **timm_kwargs):
     """A timm ViT without its classifier, as SciLT takes it; timm_kwargs (pretrained=True, ...)."""
-    import timm
-
+    import timm  # here, so that the rest of the file needs only torch and numpy
     model = timm.create_model(name, num_classes=0, **timm_kwargs)
     if not all(hasattr(model, attribute) for attribute in VIT_NEEDS):
         raise ValueError(f"model {name!r} is not a ViT: SciLT needs {', '.join(VIT_NEEDS)}")
@@ -120,8 +122,7 @@ def autocast(device):  # every pass: bf16 on a GPU (the real job), float32 on a 
 def tap(backbone, x, blocks=(-2, -1)):
     """ONE pass through the blocks: h_l = pool(norm(z_l)), (B, C), with the backbone's own norm
     and pool, for each of `blocks` in the order asked (by default [h_pen, h_fin]), no further."""
-    depth = len(backbone.blocks)
-    asked = [b % depth for b in blocks]
+    asked = [b % len(backbone.blocks) for b in blocks]
     indices = sorted(set(asked))  # what timm runs: each block once, in order
     prefix = backbone.num_prefix_tokens > 0
     found = backbone.forward_intermediates(x, indices=indices, norm=True, output_fmt="NLC",
@@ -383,8 +384,7 @@ def rademacher_check(level_features, level_weights, scale, fused=None, draws=100
         h = torch.as_tensor(h).to(torch.float64, copy=True)
         return h.div_(h.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
-    sups = {name: rademacher_draws(unit(h), scale, draws, seed)
-            for name, h in level_features.items()}
+    sups = {k: rademacher_draws(unit(h), scale, draws, seed) for k, h in level_features.items()}
     weights = torch.as_tensor(level_weights, dtype=torch.float64).reshape(-1, len(sups))
     mean_weights, n = weights.mean(0).tolist(), len(next(iter(level_features.values())))
     bound = scale / math.sqrt(n)

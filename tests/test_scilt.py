@@ -105,7 +105,7 @@ def test_lora_linear_merge_is_exact_and_unmerge_restores():
     layer.merge()
     layer.merge()  # a second merge is a no-op, not a double update
     torch.testing.assert_close(layer(x), expected)
-    layer.merge(False)
+    layer.unmerge()
     torch.testing.assert_close(base.weight, original)
     torch.testing.assert_close(layer(x), expected)
 

@@ -62,7 +62,7 @@ def test_default_run_writes_the_report(finished_run):
     a = list(metrics["fusion_weights"].values())
     assert all(0 < w < 1 for w in a)
     assert max(abs(w - 0.5) for w in a) > 0.02 and len(set(a)) == 10  # the gate learns, by class
-    for head in ("start", "probe", "penultimate", "final", "fused"):
+    for head in ("start", "probe", "probe_levels", "penultimate", "final", "fused"):
         assert {"balanced_acc", "many", "medium", "few"} <= set(metrics["heads"][head])
     assert metrics["heads"]["fused"]["balanced_acc"] == metrics["balanced_acc"]
     r = metrics["rademacher"]
@@ -347,8 +347,9 @@ def test_torchrun_two_processes(tmp_path, capsys):
     assert result.stdout.count("Rademacher complexity") == 1  # only rank 0 reports
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rademacher"]["n"] == 1027  # the whole training set's features, once each
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "report.png",
-                                                     "splits.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "history.csv", "metrics.json",
+                                                     "report.png", "splits.csv"]
+    assert len(report.read_history(out)) == 1  # written once, by the first process
     # the two processes' shares, gathered, are each set once: one process re-evaluating the same
     # checkpoint gets every figure the same, of the test set and of the training set
     alone = run(*uneven, "--out", str(out), "--eval-only")
@@ -439,6 +440,34 @@ def test_start_row_is_the_class_mean_model_at_step_0(finished_run, method):
     assert start["per_class_acc"] == pytest.approx(expected[method]["per_class_acc"])
     assert start["balanced_acc"] == pytest.approx(expected[method]["balanced_acc"])
     assert start["few"] == pytest.approx(expected[method]["few"])
+
+
+def test_probe_on_the_levels_reads_the_models_own_levels_at_step_0(finished_run):
+    """heads.probe_levels, computed here independently: the pretrained backbone's penultimate and
+    final features, concatenated, and the probe fitted and chosen on val as the run fits it. With
+    --method final the model's one level is the final block: that probe is the final-layer one."""
+    out, printed = finished_run(*FAST)
+    metrics = metrics_of(out)
+    data = load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    backbone = train.load_backbone(train.parse_args(FAST)).eval()
+
+    def levels(dataset):  # (N, 2 * D), in batches as evaluation runs them
+        with torch.no_grad():
+            batches = torch.stack([image for image, _ in dataset]).split(64)
+            return torch.cat([torch.cat(scilt.tap(backbone, x), dim=1) for x in batches])
+
+    labels = [torch.tensor(d.labels) for d in (data.train_eval, data.val, data.test)]
+    probe = report.fit_probe(levels(data.train_eval), labels[0], levels(data.val), labels[1],
+                             data.class_counts)
+    expected = report.head_metrics(probe.predict(levels(data.test)), labels[2],
+                                   data.group_counts, data.classes)
+    got = metrics["heads"]["probe_levels"]
+    assert got["per_class_acc"] == pytest.approx(expected["per_class_acc"])
+    assert got["balanced_acc"] == pytest.approx(expected["balanced_acc"])
+    assert metrics["heads"]["probe_levels"] != metrics["heads"]["probe"]
+    assert "probe penultimate+final" in printed
+    final = metrics_of(finished_run(*FAST, "--method", "final")[0])["heads"]
+    assert final["probe_levels"] == final["probe"]
 
 
 def test_training_lowers_the_loss_and_beats_step_0(tmp_path, capsys):
