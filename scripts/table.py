@@ -3,14 +3,14 @@
     python scripts/table.py [--sets ...] [--seeds 0 1 2] [--jobs 2] [--tag T]
                             [-- train.py flags, e.g. --weights fractal_vit.safetensors]
 
-Five generated data sets of different character, each trained with `python train.py` at its
-defaults into runs/table/<tag or default>/<set>/<run>-<seed>; a run already there is reused (one
-cut short starts again), and --jobs runs go side by side, one thread each. Per set: the frozen
-stand-in per block (scripts/analyze.py: best block per column, the pair recommended on val), then
-the model at step 0 (`start`), a linear probe on the frozen features (`probe`), --method final and
-penultimate, and scilt with each --fusion kept: mean ± sample standard deviation over seeds, each
-method's gain over the better of start and probe and over the better single level, paired by
-seed, and every scilt run's fused prediction against its own heads.
+Five generated data sets of different character, each trained with `python train.py` at its defaults
+into runs/table/<tag or default>/<set>/<run>-<seed>; a run already there is reused (one cut short
+starts again), and --jobs runs go side by side, one thread each. Per set: the frozen stand-in per
+block (scripts/analyze.py: best block per column, the pair recommended on val), then the model at
+step 0 (`start`), linear probes on the frozen final block (`probe`) and on the levels scilt reads
+(`probe_levels`), --method final and penultimate, and scilt with each --fusion kept: mean ± sample
+standard deviation over seeds, each method's gain over the best of those bars and over the better
+single level, paired by seed, and every scilt run's fused prediction against its own heads.
 
   embedded  the embedded default (--data synthetic): 10 cell types, 400 -> 4 images, 48 -> 32 px
   small     460 images (135 -> 7; a tenth kept for val), 10 types at 32 px, PNG files (folder)
@@ -190,9 +190,12 @@ def print_analysis(name, analyses):
     print("\nrecommended on val, by seed: " + ", ".join(pairs))
 
 
+BARS = ("start", "probe", "probe_levels")  # the step-0 rows: what fine-tuning must beat
+
+
 def own_heads(run):
     return [m["balanced_acc"] for h, m in run["heads"].items()
-            if m and h not in ("start", "probe", "fused")]
+            if m and h not in (*BARS, "fused")]
 
 
 def print_table(name, runs, seeds):
@@ -204,10 +207,10 @@ def print_table(name, runs, seeds):
     val = {label: [runs.val(name, label.replace(" ", "-"), seed) for seed in seeds]
            for label in RUNS}
     first = results[f"scilt {FUSIONS[0]}"]
-    rows = {row: [r["heads"][row] for r in first] for row in ("start", "probe")}
+    rows = {row: [r["heads"][row] for r in first] for row in BARS}
     rows.update({label: [r["heads"]["fused"] for r in rs] for label, rs in results.items()})
-    bars = {"max(start, probe)": [max(s["balanced_acc"], p["balanced_acc"])
-                                  for s, p in zip(rows["start"], rows["probe"])],
+    bars = {"the best bar": [max(r[bar]["balanced_acc"] for bar in BARS)
+                             for r in (run["heads"] for run in first)],
             "better single level": [max(f["balanced_acc"], p["balanced_acc"])
                                     for f, p in zip(rows["final"], rows["penultimate"])]}
     images = sum(first[0]["class_counts"].values())
@@ -224,7 +227,7 @@ def print_table(name, runs, seeds):
     for fusion in FUSIONS:  # every run: the fused prediction against its own heads
         scilt_runs = results[f"scilt {fusion}"]
         shown = ["; ".join(f"{h} {100 * m['balanced_acc']:.1f}" for h, m in r["heads"].items()
-                           if m and h not in ("start", "probe")) for r in scilt_runs]
+                           if m and h not in BARS) for r in scilt_runs]
         better = [r["balanced_acc"] - max(own_heads(r)) for r in scilt_runs]
         worse = [r["balanced_acc"] - min(own_heads(r)) for r in scilt_runs]
         print(f"\nscilt {fusion}, each run's heads: {' | '.join(shown)}\n"
@@ -237,8 +240,8 @@ def print_table(name, runs, seeds):
 def print_summary(summaries, tag):
     """One row per set: the README's table."""
     print(f"\nsummary ({tag or 'default'}): test balanced accuracy, mean ± std over seeds\n")
-    print(f"| set | {' | '.join(['start', 'probe', *RUNS])} | scilt fused − its better head |")
-    print("|---" * (len(RUNS) + 4) + "|")
+    print(f"| set | {' | '.join([*BARS, *RUNS])} | scilt fused − its better head |")
+    print("|---" * (len(BARS) + len(RUNS) + 2) + "|")
     for name, row in summaries.items():
         print(f"| {name} | {' | '.join(row)} |")
 
