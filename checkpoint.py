@@ -1,13 +1,16 @@
 """A train.py run's checkpoint: what training changed (LoRA, heads, gate), the optimizer, the run's
 state and flags, the SHA-256 of the backbone's weights and the number of processes; and the checks
 that load it, on --resume, --eval-only or in a script, only into the model it was trained as.
+Every file a run or a script writes is written as the checkpoint is: whole or not at all.
 """
 import argparse
+import contextlib
 import functools
 import hashlib
 import os
 import pickle
 import zipfile
+from pathlib import Path
 
 import torch
 
@@ -15,6 +18,12 @@ import torch
 # (besides the backbone's weights, compared by content, and the levels, however spelled)
 MODEL_FLAGS = ("data", "model", "method", "fusion", "lora_rank", "img_size", "imbalance_ratio")
 SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
+
+
+KEYS = {"state", "model", "classes", "class_counts", "optimizer", "args", "weights_sha256",
+        "world_size"}  # what train.py saves
+STATE_KEYS = {"epoch", "best_epoch", "best_val", "best", "train_seconds", "before"}
+ARGS = {*MODEL_FLAGS, *SCHEDULE_FLAGS, "blocks", "weights"}
 
 
 class CheckpointError(Exception):
@@ -28,9 +37,21 @@ def trainable_state(model):
     return {k: v.detach().cpu().clone() for k, v in learned + scales}
 
 
+@contextlib.contextmanager
+def replacing(path):
+    """A temporary path beside `path` to write to, which then replaces `path` whole: a process
+    killed, or a disk filled, midway leaves the file as it was and no temporary file behind."""
+    temporary = Path(f"{path}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def save_atomically(checkpoint, path):  # a run killed mid-write keeps its last checkpoint
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    with replacing(path) as temporary:
+        torch.save(checkpoint, temporary)
 
 
 def load(path, classes=None):
@@ -39,9 +60,16 @@ def load(path, classes=None):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as error:
+        pickled = "Weights only load failed" in str(error)
+        why = "it holds pickled objects, which are never run" if pickled else "it may be truncated"
         raise CheckpointError(f"cannot read checkpoint {path} ({type(error).__name__}): expected "
-                              "a complete checkpoint.pt written by train.py; it may be "
-                              "truncated") from None
+                              f"a complete checkpoint.pt written by train.py; {why}") from None
+    ours = isinstance(checkpoint, dict) and KEYS <= set(checkpoint) and \
+        isinstance(checkpoint["state"], dict) and STATE_KEYS <= set(checkpoint["state"]) and \
+        isinstance(checkpoint["args"], dict) and ARGS <= set(checkpoint["args"])
+    if not ours:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py: expected a dict "
+                              f"of {', '.join(sorted(KEYS))}")
     if classes is not None and checkpoint["classes"] != classes:
         raise CheckpointError(f"checkpoint {path} was trained on {len(checkpoint['classes'])} "
                               f"classes ({', '.join(checkpoint['classes'][:4])}, ...), but this "
@@ -61,8 +89,7 @@ def sha256(path):
 
 def level_blocks(args, depth):
     """The blocks (1..N) a run's model reads, however --blocks spelled them."""
-    asked = {"scilt": getattr(args, "blocks", None) or [-2, -1], "final": [-1],
-             "penultimate": [-2]}[args.method]
+    asked = {"scilt": args.blocks, "final": [-1], "penultimate": [-2]}[args.method]
     return sorted({b if b > 0 else depth + 1 + b for b in asked})
 
 
@@ -90,13 +117,13 @@ def restore(model, checkpoint, path, args, weights_sha256, processes=1, optimize
         raise CheckpointError(f"checkpoint {path} was trained with {flag_values(was, differ)}, "
                               f"but this run asks for {flag_values(asked, differ)}: pass the "
                               "flags it was trained with, or another --out")
-    trained_on = checkpoint.get("weights_sha256")
-    if "weights_sha256" in checkpoint and trained_on != weights_sha256:
+    trained_on = checkpoint["weights_sha256"]
+    if trained_on != weights_sha256:
         raise CheckpointError(f"checkpoint {path} was trained on backbone weights with SHA-256 "
                               f"{str(trained_on)[:12]}, but this run loads "
                               f"{args.weights or args.model} ({str(weights_sha256)[:12]}): pass "
                               "the weights it was trained on, or another --out")
-    trained_by = checkpoint.get("world_size", processes)
+    trained_by = checkpoint["world_size"]
     if not args.eval_only and trained_by != processes:
         raise CheckpointError(f"checkpoint {path} was trained by {trained_by} process(es), but "
                               f"this run has {processes}: the steps per epoch, and so the "

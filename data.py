@@ -27,6 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
+from checkpoint import replacing
+
 WHERE = {  # where each set comes from, for the messages that ask a user to fetch it by hand
     "isic": "ISIC 2019 training data from https://challenge.isic-archive.com/data/#2019",
     "nih": "NIH ChestX-ray14 images from https://nihcc.app.box.com/v/ChestXray-NIHCC and the "
@@ -244,15 +246,12 @@ def pick(items, labels, indices):
 
 def write_splits(path, data):
     """One row per image: split, item (file path or array row), class name."""
-    path = Path(path)
-    temporary = path.with_suffix(".tmp")
-    with open(temporary, "w", newline="") as f:
-        writer = csv.writer(f)
+    with replacing(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
         writer.writerow(["split", "item", "label"])
         for split, (items, labels) in data.splits.items():
             for item, label in zip(items, labels):
                 writer.writerow((split, item, data.classes[label]))
-    os.replace(temporary, path)
 
 
 def read_splits(path, classes):

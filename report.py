@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import scilt
+from checkpoint import replacing
 
 PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)  # the linear probe's, chosen on val
 
@@ -239,9 +240,11 @@ def keep_history(out, epochs):
     kept = [row for row in rows if row["epoch"] <= epochs]
     if len(kept) == len(rows):
         return
-    path.unlink()
-    for row in kept:
-        append_history(out, {key: "" if v is None else f"{v:.6g}" for key, v in row.items()})
+    with replacing(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({key: "" if v is None else f"{v:.6g}" for key, v in row.items()}
+                         for row in kept)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,11 +345,9 @@ def print_report(metrics):
 
 def write(metrics, out):
     """metrics.json and report.png in the folder `out`, each written whole or not at all."""
-    out = Path(out)
-    temporary = out / "metrics.json.tmp"
-    temporary.write_text(json.dumps(metrics, indent=2))
-    temporary.replace(out / "metrics.json")
-    plot_report(metrics, out / "report.png", read_history(out))
+    with replacing(Path(out) / "metrics.json") as temporary:
+        temporary.write_text(json.dumps(metrics, indent=2))
+    plot_report(metrics, Path(out) / "report.png", read_history(out))
 
 
 def pyplot():
@@ -392,7 +393,8 @@ def plot_report(metrics, path, history=()):
               ylabel="a (1: penultimate, 0: final)", title="fusion weight per class")
     plot_curves(curves, history, metrics.get("best_epoch"))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as temporary:
+        fig.savefig(temporary, dpi=100, format="png")
     plt.close(fig)
 
 

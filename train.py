@@ -12,12 +12,18 @@ heads, gate, optimizer and arguments, not the frozen backbone) and splits.csv (t
 val / test images). scripts/predict.py and scripts/export.py use a finished run.
 """
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+
+try:
+    import fcntl  # to lock a run's folder
+except ImportError:  # Windows: no lock
+    fcntl = None
 
 import timm
 import torch
@@ -116,13 +122,41 @@ def parse_args(argv=None, job=None):
             setattr(args, key, value)
     if args.workers is None:
         args.workers = 0 if args.data == "synthetic" else min(8, os.cpu_count() or 1)
-    for name in ("epochs", "batch_size", "lr", "lora_rank", "img_size", "imbalance_ratio"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if (args.resume or args.eval_only) and not args.out:
-        p.error("--resume and --eval-only need --out, the folder of the run")
+    check_flags(p, args)
     args.out = args.out or f"runs/{args.data}-{job or args.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
+
+
+def check_flags(p, args):
+    """Every flag that a value of its type may still make wrong: one line naming what was expected.
+    (Comparisons with NaN are false, so each check asks for what is right.)"""
+    for name in ("epochs", "batch_size", "lr", "lora_rank", "img_size"):
+        if not 0 < getattr(args, name) < math.inf:
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got "
+                    f"{getattr(args, name)}")
+    if args.imbalance_ratio is not None and not 1 <= args.imbalance_ratio < math.inf:
+        p.error("--imbalance-ratio must be a number of at least 1 (the most frequent class's "
+                f"training images over the rarest's), got {args.imbalance_ratio}")
+    if args.seed < 0:
+        p.error(f"--seed must be 0 or more, got {args.seed}")
+    check_device_and_workers(p, args)
+    if (args.resume or args.eval_only) and not args.out:
+        p.error("--resume and --eval-only need --out, the folder of the run")
+
+
+def check_device_and_workers(p, args):
+    """--device names one PyTorch has here, --workers is not negative: one line if not."""
+    if args.workers < 0:
+        p.error(f"--workers must be 0 or more, got {args.workers}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}, but PyTorch sees no CUDA device here: expected --device "
+                "cpu, or a PyTorch built with CUDA on a machine with a GPU")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,29 +352,70 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
 
 # --------------------------------------------------------------------------------------------------
 
-def run(args):
-    rank, world_size, device = setup_distributed(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    out, continuing = Path(args.out), args.resume or args.eval_only
-    checkpoint_path = out / "checkpoint.pt"
-    if continuing != checkpoint_path.exists():
-        raise Abort(f"no checkpoint at {checkpoint_path}: train into that --out first" if continuing
-                    else f"{out} already holds a run: pass --resume or --eval-only, or choose "
-                    "another --out")
-    torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+@contextlib.contextmanager
+def claim(out, continuing):
+    """The run's folder, made if new and locked while this process writes into it, so that a second
+    run into it stops here; a new run starts only in a new or empty folder, so that nothing the
+    folder holds is overwritten."""
+    if out.exists() and not out.is_dir():
+        raise Abort(f"--out {out} is a file: expected a folder for the run")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        if fcntl is not None:  # the lock goes with the process, however it ends
+            try:
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Abort(f"another run is writing into {out}: wait for it to end, or choose "
+                            "another --out") from None
+        held = sorted(path.name for path in out.iterdir())
+        if held and not continuing:
+            raise Abort(f"{out} already holds {', '.join(held[:4])}{', ...' * (len(held) > 4)}: "
+                        "a new run starts in a new or empty folder; pass --resume or --eval-only "
+                        "for the run there, or choose another --out")
+        yield
+    finally:
+        os.close(folder)
+        if created and not any(out.iterdir()):  # a run that wrote nothing leaves no folder
+            out.rmdir()
 
-    # the data first, normalised as the backbone was pretrained, so that a bad --data-root fails at
-    # once; under torchrun the first process fetches a missing set while the others wait
+
+def load_run_data(args, splits=None):
+    """The data the flags name, normalised as the backbone was pretrained. Under torchrun the first
+    process fetches a missing set while the others wait, rather than all into the same files."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
     mean, std = normalisation(args.model)
     if rank > 0:
         dist.barrier()
     data = load_data(args.data, args.data_root, img_size=args.img_size, augment=args.augment,
                      imbalance_ratio=args.imbalance_ratio, seed=args.seed, mean=mean, std=std,
-                     download=not args.no_download,
-                     splits=out / "splits.csv" if continuing else None)
-    if rank == 0 and world_size > 1:
+                     download=not args.no_download, splits=splits)
+    if rank == 0 and world() > 1:
         dist.barrier()
+    return data
+
+
+def run(args):
+    rank, world_size, device = setup_distributed(args.device)
+    out, continuing = Path(args.out), args.resume or args.eval_only
+    if continuing and not (out / "checkpoint.pt").exists():
+        raise Abort(f"no checkpoint at {out / 'checkpoint.pt'}: train into that --out first")
+    if not continuing and (out / "checkpoint.pt").exists():  # every process stops, not only one
+        raise Abort(f"{out} already holds a run: pass --resume or --eval-only, or choose another "
+                    "--out")
+    with claim(out, continuing) if rank == 0 else contextlib.nullcontext():
+        return train_and_report(args, device, out, continuing)
+
+
+def train_and_report(args, device, out, continuing):
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    log = print if rank == 0 else (lambda *a, **k: None)
+    checkpoint_path = out / "checkpoint.pt"
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # the data first, so that a bad --data-root fails at once
+    data = load_run_data(args, out / "splits.csv" if continuing else None)
     saved = checkpoint.load(checkpoint_path, data.classes) if continuing else None
     model = build_model(args, data.class_counts).to(device)
     trainable, total = count_parameters(model)
@@ -349,7 +424,7 @@ def run(args):
         f"{max(data.class_counts)}..{min(data.class_counts)}")
     log(f"{args.model} + LoRA r={args.lora_rank} on {model.num_lora_layers} layers, method "
         f"{args.method}: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%), {world_size} x {device}")
+        f"({100 * trainable / total:.2f}%), {world()} x {device}")
 
     optimizer = model.configure_optimizer(args.lr)  # the method's parameter groups
     loaders = {"train": make_loader(data.train_eval, args, device),
@@ -357,7 +432,7 @@ def run(args):
                "test": make_loader(data.test, args, device)}
     if continuing:
         weights = checkpoint.sha256(weights_file(args))
-        checkpoint.restore(model, saved, checkpoint_path, args, weights, world_size,
+        checkpoint.restore(model, saved, checkpoint_path, args, weights, world(),
                            None if args.eval_only else optimizer)
         state = saved["state"]
         log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done, "
@@ -367,7 +442,6 @@ def run(args):
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, best=None, train_seconds=0.0,
                      before=before)
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
             write_splits(out / "splits.csv", data)
     if rank == 0 and not args.eval_only:  # rows of epochs the checkpoint holds, no later ones
         report.keep_history(out, state["epoch"])
@@ -384,17 +458,33 @@ def run(args):
     return out
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run_program(work, args, resumable=False):
+    """A program's work as its user sees it: bad input, a fault of the machine (a full disk, a
+    read-only folder, memory) or Ctrl-C ends in one line on stderr and exit status 2, said once
+    under torchrun, with every file written before left as it was."""
     try:
-        return run(args)
+        return work(args)
+    except KeyboardInterrupt:
+        message = "interrupted; every file written before is intact"
+        if resumable and Path(args.out, "checkpoint.pt").exists():
+            message += f"; --resume --out {args.out} goes on from its last checkpoint"
     except USER_ERRORS as error:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, the first process says it
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        message = str(error)
+    except OSError as error:  # no space left, a read-only or missing folder, ...
+        where = f" ({error.filename})" if error.filename else ""
+        message = f"{error.strerror or error}{where}: every file written before is intact"
+    except (MemoryError, torch.OutOfMemoryError):
+        message = "out of memory: expected a smaller --batch-size or --img-size"
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    return run_program(run, parse_args(argv), resumable=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import report  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
-from data import load_data  # noqa: E402
+from checkpoint import replacing  # noqa: E402
 
 
 @torch.no_grad()
@@ -142,39 +142,29 @@ def plot_layers(analysis, path):
            title="which block's features serve which classes")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with replacing(path) as temporary:
+        fig.savefig(temporary, dpi=100, format="png")
     plt.close(fig)
 
 
 def run(args):
-    rank, world_size, device = train.setup_distributed(args.device)
+    rank, _, device = train.setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    mean, std = train.normalisation(args.model)
-    data = load_data(args.data, args.data_root, img_size=args.img_size, augment=args.augment,
-                     imbalance_ratio=args.imbalance_ratio, seed=args.seed, mean=mean, std=std,
-                     download=not args.no_download)
+    data = train.load_run_data(args)
     analysis = analyze(train.load_backbone(args), data, args, device, log)
     if rank == 0:
         print_layers(analysis)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "layers.json.tmp").write_text(json.dumps(analysis, indent=2))
-        (out / "layers.json.tmp").replace(out / "layers.json")
+        with replacing(out / "layers.json") as temporary:
+            temporary.write_text(json.dumps(analysis, indent=2))
         plot_layers(analysis, out / "layers.png")
         log(f"wrote {out / 'layers.json'} and {out / 'layers.png'}")
     return Path(args.out)
 
 
 def main(argv=None):
-    args = train.parse_args(argv, job="analysis")
-    try:
-        return run(args)
-    except train.USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return train.run_program(run, train.parse_args(argv, job="analysis"))
 
 
 if __name__ == "__main__":

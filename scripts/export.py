@@ -61,10 +61,18 @@ def load_exported(path):
 def export_run(out, target, weights=None):
     """The run in `out` as the file `target`, written whole or not at all."""
     import train  # here, not above: load_exported() needs scilt.py alone
+    from checkpoint import replacing
     from predict import load_run
 
     if "RANK" in os.environ:
         raise train.Abort("the export runs in one process: start it with python, not torchrun")
+    target = Path(target)
+    if target.is_dir() or not target.parent.is_dir():
+        raise train.Abort(f"cannot write {target}: expected a file name in an existing folder, "
+                          "such as model.safetensors")
+    if target.resolve().parent == Path(out).resolve() and target.suffix != ".safetensors":
+        raise train.Abort(f"{target} is not a .safetensors name, and it lies in the run's own "
+                          "folder: expected a new file such as model.safetensors")
     model, trained, classes = load_run(out, torch.device("cpu"), weights)
     if trained.model == "tiny":
         name = train.TINY["name"]
@@ -73,27 +81,22 @@ def export_run(out, target, weights=None):
         name, kwargs = trained.model, {}
     mean, std = train.normalisation(trained.model)
     kwargs["img_size"] = trained.img_size
-    export(model, f"{target}.tmp", model=name, model_kwargs=kwargs, img_size=trained.img_size,
-           mean=mean, std=std, classes=classes)
-    os.replace(f"{target}.tmp", target)
+    with replacing(target) as temporary:
+        export(model, temporary, model=name, model_kwargs=kwargs, img_size=trained.img_size,
+               mean=mean, std=std, classes=classes)
     size = os.path.getsize(target) / 2**20
     print(f"wrote {target} ({size:.1f} MB): load_exported() in scripts/export.py reads it")
     return Path(target)
 
 
 def main(argv=None):
-    from train import Parser
-    p = Parser(description=__doc__.splitlines()[0])
+    import train
+    p = train.Parser(description=__doc__.splitlines()[0])
     p.add_argument("file", help="the .safetensors file to write")
     p.add_argument("--out", required=True, help="the run's folder (train.py's --out)")
     p.add_argument("--weights", help="the backbone's weights file, if not where the run had it")
     args = p.parse_args(argv)
-    from train import USER_ERRORS
-    try:
-        return export_run(args.out, args.file, args.weights)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return train.run_program(lambda args: export_run(args.out, args.file, args.weights), args)
 
 
 if __name__ == "__main__":

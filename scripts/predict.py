@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
+from checkpoint import replacing  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
 from data import (IMAGE_SUFFIXES, DataError, Loader, is_image, make_transform,  # noqa: E402
@@ -71,7 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be 1 or more, got {args.batch_size}")
+    train.check_device_and_workers(p, args)
+    return args
 
 
 def load_run(out, device, weights=None):
@@ -84,10 +89,8 @@ def load_run(out, device, weights=None):
     saved = checkpoint.load(path)
     trained = argparse.Namespace(**saved["args"])
     trained.weights = weights or trained.weights
-    trained.blocks = getattr(trained, "blocks", [-2, -1])
     trained.eval_only = True
-    counts = saved.get("class_counts", [1] * len(saved["classes"]))  # older: none
-    model = train.build_model(trained, counts)
+    model = train.build_model(trained, saved["class_counts"])
     weights_sha256 = checkpoint.sha256(train.weights_file(trained))
     checkpoint.restore(model, saved, path, trained, weights_sha256, kept=True)
     return model.to(device).eval(), trained, saved["classes"]
@@ -103,7 +106,8 @@ def row(path, probabilities, error, classes):
 
 @torch.no_grad()
 def predict_images(args):
-    """predictions.csv in --out; returns its path."""
+    """predictions.csv in --out (replacing an earlier one once it is whole), written a row at a time
+    into a file opened first, so that a folder it cannot write to stops it before the work."""
     if "RANK" in os.environ:
         raise train.Abort("prediction runs in one process: start it with python, not torchrun")
     device = torch.device(args.device)
@@ -113,32 +117,28 @@ def predict_images(args):
     transform = make_transform(trained.img_size, *train.normalisation(trained.model))
     batches = Loader(ImageFiles(paths, transform, trained.img_size), batch_size=args.batch_size,
                      num_workers=args.workers, pin_memory=device.type == "cuda")
-    rows, started, failed = [], time.time(), 0
-    for i, (x, errors) in enumerate(batches):
-        with scilt.autocast(device):
-            scores = model(x.to(device, non_blocking=True)).logits
-        for probabilities, error in zip(scores.float().softmax(-1).cpu(), errors):
-            rows.append(row(paths[len(rows)], probabilities, error, classes))
-            failed += bool(error)
-        if (i + 1) % 50 == 0:
-            speed = len(rows) / (time.time() - started)
-            print(f"predicted {len(rows):,} / {len(paths):,} images, {speed:.0f} img/s")
     target = Path(args.out) / "predictions.csv"
-    with open(f"{target}.tmp", "w", newline="") as file:
-        csv.writer(file).writerows([["path", "predicted", "probability", *classes, "error"], *rows])
-    os.replace(f"{target}.tmp", target)
+    replaced = " (it replaces the earlier one)" if target.exists() else ""
+    done, started, failed = 0, time.time(), 0
+    with replacing(target) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "predicted", "probability", *classes, "error"])
+        for i, (x, errors) in enumerate(batches):
+            with scilt.autocast(device):
+                scores = model(x.to(device, non_blocking=True)).logits
+            for probabilities, error in zip(scores.float().softmax(-1).cpu(), errors):
+                writer.writerow(row(paths[done], probabilities, error, classes))
+                done, failed = done + 1, failed + bool(error)
+            if (i + 1) % 50 == 0:
+                speed = done / (time.time() - started)
+                print(f"predicted {done:,} / {len(paths):,} images, {speed:.0f} img/s")
     unread = f", {failed:,} could not be read (their rows give the error)" if failed else ""
-    print(f"wrote {target}: {len(rows) - failed:,} images classified{unread}")
+    print(f"wrote {target}{replaced}: {done - failed:,} images classified{unread}")
     return target
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return predict_images(args)
-    except train.USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    return train.run_program(predict_images, parse_args(argv))
 
 
 if __name__ == "__main__":
