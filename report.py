@@ -161,7 +161,7 @@ def start_metrics(train, val, test, counts, groups, classes, tau=1.0, device="cp
     return rows
 
 
-def step_zero(model, loaders, data, device, tau, log):
+def step_zero(model, loaders, data, device, log):
     """The heads start as nearest-class-mean classifiers on the un-augmented pretrained features;
     the model at step 0 and a linear probe on the frozen features are the report's first rows."""
     train = evaluate(model, loaders["train"], device)
@@ -171,7 +171,7 @@ def step_zero(model, loaders, data, device, tau, log):
     test = evaluate(model, loaders["test"], device)
     # every process has every image's features and fits the same probe: none waits on another
     before = start_metrics(train, val, test, data.class_counts, data.group_counts, data.classes,
-                           tau, device)
+                           model.tau, device)
     log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale "
         f"fitted to {model.scale:.3g}), linear probe on frozen features "
         f"{100 * before['probe']['balanced_acc']:.1f}%, on the levels "
@@ -235,7 +235,7 @@ def read_history(out):
 
 def keep_history(out, epochs):
     """history.csv's rows of the first `epochs` epochs alone, as the checkpoint holds them: a run
-    killed between an epoch's row and its checkpoint wrote a row that its resumption writes again."""
+    killed between an epoch's row and its checkpoint wrote one its resumption writes again."""
     path, rows = Path(out) / "history.csv", read_history(out)
     kept = [row for row in rows if row["epoch"] <= epochs]
     if len(kept) == len(rows):

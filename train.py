@@ -20,12 +20,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-try:
-    import fcntl  # to lock a run's folder
-except ImportError:  # Windows: no lock
-    fcntl = None
-
-import timm
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Subset
@@ -33,18 +27,12 @@ from torch.utils.data import DistributedSampler, Subset
 import checkpoint
 import report
 import scilt
+from checkpoint import Abort, build_model, claim, count_parameters, normalisation, weights_file
 from data import AUGMENTS, DataError, Loader, load_data, write_splits
 
 # --------------------------------------------------------------------------------------------------
 # Settings: what flags left out become, and the recipe's constants, all in one place.
 
-# The embedded default's backbone: a 6-block ViT on 32 x 32 images (8 x 8 patches of 4 px). Its
-# weights, tiny_vit.safetensors, are a stand-in foundation model (scripts/pretrain_tiny.py):
-# pretrained on 14 synthetic cell types that the benchmark's 10 classes are not among.
-# --weights fractal_vit.safetensors gives one pretrained across a domain gap, on fractals.
-TINY = dict(name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=6,
-            num_heads=3, weight_init="jax")
-TINY_WEIGHTS = Path(__file__).resolve().parent / "tiny_vit.safetensors"
 NATURAL = ("cifar100-lt", "imagenet-lt", "places-lt", "inat2018")  # natural-image long-tail sets
 DEFAULT_MODEL = {"synthetic": "tiny", "scientific": "vit_base_patch16_224.augreg_in21k",
                  "natural": "vit_base_patch16_clip_224.openai"}  # CLIP ViT-B/16, as LIFT's numbers
@@ -54,18 +42,12 @@ DEFAULTS = {  # what flags left out become: the tiny ViT on a CPU, a timm ViT on
     "natural": dict(epochs=10, batch_size=128, lr=1e-3, img_size=224),  # LIFT: 10 of batch 128
 }
 WARMUP_FRACTION = 0.05   # of all steps: linear warm-up, then cosine decay to 0
-TAU = 1.0                # logit adjustment: LA(z, y) = CE(z + tau * log prior, y)
-AUX_WEIGHT = 0.5         # lambda of the dual supervision: L = LA(s) + lambda (LA(s_1) + LA(s_2))
 MIN_VAL_PER_CLASS = 10   # a run keeps its val-best epoch where val has this many images of every
                          # class, else its last (lr 0 there): a few images a class pick noise
 TIMEOUT = timedelta(minutes=30)  # under torchrun, how long a process waits for the others
 
 
-class Abort(Exception):
-    """A problem with the user's input: one line, exit status 2."""
-
-
-USER_ERRORS = (Abort, checkpoint.CheckpointError, DataError)  # each: one line, exit status 2
+USER_ERRORS = (Abort, DataError)  # each: one line, exit status 2
 
 
 class Parser(argparse.ArgumentParser):
@@ -157,68 +139,6 @@ def check_device_and_workers(p, args):
                 "cpu, or a PyTorch built with CUDA on a machine with a GPU")
     if device.type not in ("cpu", "cuda"):
         p.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
-
-
-# --------------------------------------------------------------------------------------------------
-# The backbone and the model.
-
-def normalisation(model):
-    """The mean and std the backbone was pretrained with (timm's config), for every image."""
-    try:
-        config = timm.models.get_pretrained_cfg(TINY["name"] if model == "tiny" else model)
-    except RuntimeError as error:  # a tag timm does not have: vit_base_patch16_224.nosuchtag
-        architecture = model.split(".")[0]
-        raise Abort(f"--model {model}: {error} Expected one of "
-                    f"timm.list_pretrained('{architecture}*')") from None
-    return tuple(getattr(config, "mean", (0.5,) * 3)), tuple(getattr(config, "std", (0.5,) * 3))
-
-
-def load_backbone(args):
-    """The backbone the flags name, pretrained: from timm's hub, or from --weights (a .safetensors
-    or .pth state dict, loaded as timm loads the hub's: head dropped, position embeddings resized
-    to --img-size). One line (Abort) if it cannot be had."""
-    name, weights, kwargs = args.model, args.weights, dict(img_size=args.img_size)
-    if name == "tiny":  # its pretrained weights ship with this repository
-        name, weights = TINY["name"], weights or TINY_WEIGHTS
-        kwargs.update((k, v) for k, v in TINY.items() if k not in ("name", "img_size"))
-    if not timm.is_model(name):
-        raise Abort(f"unknown model {name!r}: expected 'tiny' or a timm ViT name such as "
-                    "vit_base_patch16_224.augreg_in21k (see timm.list_models('vit_*'))")
-    if weights is not None and not os.path.isfile(weights):
-        raise Abort(f"weights file {weights} not found: expected a .safetensors or .pth file")
-    if weights is not None:
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
-    try:
-        return scilt.create_backbone(name, pretrained=True, **kwargs)
-    except (OSError, RuntimeError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        if "is not a ViT" in reason:
-            raise Abort(reason) from None
-        if weights is not None:
-            raise Abort(f"could not load weights file {weights} into {name}: {reason}") from None
-        raise Abort(f"could not fetch pretrained weights for {name} ({reason}): without internet, "
-                    "download them where there is and pass --weights FILE") from None
-
-
-def weights_file(args):  # the backbone's weights file; None: timm's hub
-    return args.weights or (TINY_WEIGHTS if args.model == "tiny" else None)
-
-
-def count_parameters(model):  # (trainable, all)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
-
-
-def build_model(args, class_counts):
-    """SciLT on the backbone the flags name; --blocks counts 1..N (or -1 = N back)."""
-    backbone = load_backbone(args)
-    depth = len(backbone.blocks)
-    if not all(1 <= abs(b) <= depth for b in args.blocks):
-        raise Abort(f"--blocks {' '.join(map(str, args.blocks))}: {args.model} has {depth} blocks, "
-                    f"expected numbers in 1..{depth} or -{depth}..-1")
-    blocks = [b - 1 if b > 0 else b for b in args.blocks]  # to the library's 0-based indices
-    return scilt.SciLT(backbone, class_counts, method=args.method, fusion=args.fusion,
-                       blocks=blocks, rank=args.lora_rank, tau=TAU, aux_weight=AUX_WEIGHT)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,35 +272,6 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
 
 # --------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def claim(out, continuing):
-    """The run's folder, made if new and locked while this process writes into it, so that a second
-    run into it stops here; a new run starts only in a new or empty folder, so that nothing the
-    folder holds is overwritten."""
-    if out.exists() and not out.is_dir():
-        raise Abort(f"--out {out} is a file: expected a folder for the run")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out, os.O_RDONLY)
-    try:
-        if fcntl is not None:  # the lock goes with the process, however it ends
-            try:
-                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise Abort(f"another run is writing into {out}: wait for it to end, or choose "
-                            "another --out") from None
-        held = sorted(path.name for path in out.iterdir())
-        if held and not continuing:
-            raise Abort(f"{out} already holds {', '.join(held[:4])}{', ...' * (len(held) > 4)}: "
-                        "a new run starts in a new or empty folder; pass --resume or --eval-only "
-                        "for the run there, or choose another --out")
-        yield
-    finally:
-        os.close(folder)
-        if created and not any(out.iterdir()):  # a run that wrote nothing leaves no folder
-            out.rmdir()
-
-
 def load_run_data(args, splits=None):
     """The data the flags name, normalised as the backbone was pretrained. Under torchrun the first
     process fetches a missing set while the others wait, rather than all into the same files."""
@@ -438,7 +329,7 @@ def train_and_report(args, device, out, continuing):
         log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done, "
             f"epoch {state['best_epoch']} kept")
     else:
-        before = report.step_zero(model, loaders, data, device, TAU, log)
+        before = report.step_zero(model, loaders, data, device, log)
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, best=None, train_seconds=0.0,
                      before=before)
         if rank == 0:

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import report  # noqa: E402
+import checkpoint  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
 from checkpoint import replacing  # noqa: E402
@@ -59,7 +60,7 @@ def analyze(backbone, data, args, device, log):
         means = scilt.CosineClassifier(h["train"].shape[1], len(counts))
         means.set_class_means(h["train"], sets["train"]["labels"])
         probe = report.fit_probe(h["train"], sets["train"]["labels"], h["val"],
-                                 sets["val"]["labels"], counts, train.TAU, device)
+                                 sets["val"]["labels"], counts, device=device)
         layer = {"block": block + 1}
         for kind, predicted in (("ncm", means(h["test"]).argmax(1)),
                                 ("probe", probe.predict(h["test"]))):
@@ -151,7 +152,7 @@ def run(args):
     rank, _, device = train.setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     data = train.load_run_data(args)
-    analysis = analyze(train.load_backbone(args), data, args, device, log)
+    analysis = analyze(checkpoint.load_backbone(args), data, args, device, log)
     if rank == 0:
         print_layers(analysis)
         out = Path(args.out)

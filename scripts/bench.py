@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import scilt  # noqa: E402
-import train  # noqa: E402
 
 
 def timer(device):
@@ -112,7 +112,7 @@ def main():
 
     # 3. trainable fraction of ViT-B/16
     base = scilt.SciLT(scilt.create_backbone("vit_base_patch16_224"), [1] * 8)
-    trainable, total = train.count_parameters(base)
+    trainable, total = checkpoint.count_parameters(base)
     results["vit_b16_trainable"] = trainable
     results["vit_b16_trainable_fraction"] = trainable / total  # as train.py prints it
 

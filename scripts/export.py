@@ -60,7 +60,8 @@ def load_exported(path):
 
 def export_run(out, target, weights=None):
     """The run in `out` as the file `target`, written whole or not at all."""
-    import train  # here, not above: load_exported() needs scilt.py alone
+    import checkpoint  # here, not above: load_exported() needs scilt.py alone
+    import train
     from checkpoint import replacing
     from predict import load_run
 
@@ -75,11 +76,11 @@ def export_run(out, target, weights=None):
                           "folder: expected a new file such as model.safetensors")
     model, trained, classes = load_run(out, torch.device("cpu"), weights)
     if trained.model == "tiny":
-        name = train.TINY["name"]
-        kwargs = {k: v for k, v in train.TINY.items() if k not in ("name", "weight_init")}
+        name = checkpoint.TINY["name"]
+        kwargs = {k: v for k, v in checkpoint.TINY.items() if k not in ("name", "weight_init")}
     else:
         name, kwargs = trained.model, {}
-    mean, std = train.normalisation(trained.model)
+    mean, std = checkpoint.normalisation(trained.model)
     kwargs["img_size"] = trained.img_size
     with replacing(target) as temporary:
         export(model, temporary, model=name, model_kwargs=kwargs, img_size=trained.img_size,

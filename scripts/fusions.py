@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint  # noqa: E402
 import scilt  # noqa: E402
 import table  # noqa: E402
-import train  # noqa: E402
 from data import Loader, load_data  # noqa: E402
 from predict import load_run  # noqa: E402
 
@@ -84,7 +84,7 @@ FUSIONS = ("gate", "average", "shared a on val", "head on val")
 def measure(out):
     """val (two-fold) and test balanced accuracy of each fusion for the run in `out`."""
     model, trained, classes = load_run(out, torch.device("cpu"))
-    mean, std = train.normalisation(trained.model)
+    mean, std = checkpoint.normalisation(trained.model)
     data = load_data(trained.data, trained.data_root, img_size=trained.img_size, mean=mean,
                      std=std, seed=trained.seed, imbalance_ratio=trained.imbalance_ratio,
                      splits=Path(out) / "splits.csv", download=False)

@@ -26,6 +26,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoint  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
 from data import load_data  # noqa: E402
@@ -69,10 +70,10 @@ def throughput(args, weights, root):
                               "--weights", weights, "--img-size", str(args.img_size),
                               "--device", args.device, "--epochs", "2", "--out", str(root / "run")])
     device = torch.device(args.device)
-    mean, std = train.normalisation(flags.model)
+    mean, std = checkpoint.normalisation(flags.model)
     data = load_data("folder", root, img_size=flags.img_size, augment=flags.augment, mean=mean,
                      std=std)
-    model = train.build_model(flags, data.class_counts).to(device)
+    model = checkpoint.build_model(flags, data.class_counts).to(device)
     optimizer = model.configure_optimizer(flags.lr)
     loader = train.make_loader(data.train, flags, device, train=True)
     epoch_seconds = [train.train_one_epoch(model, model, optimizer, loader, epoch, flags, device,

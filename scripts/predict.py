@@ -90,8 +90,8 @@ def load_run(out, device, weights=None):
     trained = argparse.Namespace(**saved["args"])
     trained.weights = weights or trained.weights
     trained.eval_only = True
-    model = train.build_model(trained, saved["class_counts"])
-    weights_sha256 = checkpoint.sha256(train.weights_file(trained))
+    model = checkpoint.build_model(trained, saved["class_counts"])
+    weights_sha256 = checkpoint.sha256(checkpoint.weights_file(trained))
     checkpoint.restore(model, saved, path, trained, weights_sha256, kept=True)
     return model.to(device).eval(), trained, saved["classes"]
 
@@ -114,7 +114,7 @@ def predict_images(args):
     model, trained, classes = load_run(args.out, device, args.weights)
     paths = find_images(args.paths)
     scilt.merge_lora(model)  # inference at the plain model's speed, the same outputs
-    transform = make_transform(trained.img_size, *train.normalisation(trained.model))
+    transform = make_transform(trained.img_size, *checkpoint.normalisation(trained.model))
     batches = Loader(ImageFiles(paths, transform, trained.img_size), batch_size=args.batch_size,
                      num_workers=args.workers, pin_memory=device.type == "cuda")
     target = Path(args.out) / "predictions.csv"

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import scilt  # noqa: E402
-import train  # noqa: E402
 
 FACTORS = itertools.product((0, 1), (1, 2, 3), (0, 1), (0, 1))  # stain, nuclei, shape, texture
 UPSTREAM = [t for t in FACTORS if t not in data.CELL_TYPES]
@@ -133,8 +133,8 @@ def main():
           flush=True)
     held_out = len(images) // 50
 
-    kwargs = {k: v for k, v in train.TINY.items() if k != "name"}
-    model = timm.create_model(train.TINY["name"], num_classes=classes, **kwargs).to(device)
+    kwargs = {k: v for k, v in checkpoint.TINY.items() if k != "name"}
+    model = timm.create_model(checkpoint.TINY["name"], num_classes=classes, **kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
     def batch(index, train_mode):

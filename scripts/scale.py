@@ -24,7 +24,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import report  # noqa: E402
 import scilt  # noqa: E402
-import train  # noqa: E402
 
 
 def features(labels, centres, generator):
@@ -96,7 +95,7 @@ def main():
     with torch.enable_grad():
         before = timed("start_metrics (step 0 and the probe)", report.start_metrics,
                        sets["train"], sets["val"], sets["test"], data.class_counts,
-                       data.group_counts, classes, train.TAU, "cpu", args.probe_steps)
+                       data.group_counts, classes, model.tau, "cpu", args.probe_steps)
     timed("report (with the Rademacher check)", report.report, model, sets["test"], sets["val"],
           sets["train"], data, before)
     print(json.dumps({"images": args.images, "classes": args.classes, "dim": args.dim,

@@ -85,8 +85,8 @@ def test_step_zero_is_the_pretrained_model(weights):
     """Twin: test_tap_equals_timm_intermediates_and_model_starts_pretrained. Under bf16 autocast
     too, B = 0 adds exact zeros: the adapted model's levels are timm's own, bit for bit."""
     args = train.parse_args(flags(weights))
-    backbone = train.load_backbone(args).to(DEVICE).eval()
-    model = scilt.SciLT(train.load_backbone(args), [50, 20, 5]).to(DEVICE).eval()
+    backbone = checkpoint.load_backbone(args).to(DEVICE).eval()
+    model = scilt.SciLT(checkpoint.load_backbone(args), [50, 20, 5]).to(DEVICE).eval()
     x = torch.randn(8, 3, IMG_SIZE, IMG_SIZE, device=DEVICE)
     with torch.no_grad(), autocast():
         for got, want in zip(model.features(x), scilt.tap(backbone, x)):
@@ -186,9 +186,9 @@ def test_start_row_is_the_class_mean_model_at_step_0(real_run, weights):
     sums in another order break a near tie."""
     metrics = metrics_of(real_run[0])
     args = train.parse_args(flags(weights))
-    backbone = train.load_backbone(args).to(DEVICE).eval()
-    data = load_data("synthetic", img_size=IMG_SIZE, mean=train.normalisation(MODEL)[0],
-                     std=train.normalisation(MODEL)[1])
+    backbone = checkpoint.load_backbone(args).to(DEVICE).eval()
+    data = load_data("synthetic", img_size=IMG_SIZE, mean=checkpoint.normalisation(MODEL)[0],
+                     std=checkpoint.normalisation(MODEL)[1])
 
     def unit_features(dataset):  # each level's, (N, D), and the labels
         levels, labels = [], []
@@ -262,8 +262,8 @@ def test_predict_and_export_on_the_gpu(tmp_path, weights):
             for row in csv.DictReader(target.open())}
     assert len(rows) == 15 and not any(row["error"] for row in rows.values())
     model, trained, classes = predict.load_run(out, torch.device(DEVICE))
-    data = load_data("folder", root, img_size=IMG_SIZE, mean=train.normalisation(MODEL)[0],
-                     std=train.normalisation(MODEL)[1], splits=out / "splits.csv")
+    data = load_data("folder", root, img_size=IMG_SIZE, mean=checkpoint.normalisation(MODEL)[0],
+                     std=checkpoint.normalisation(MODEL)[1], splits=out / "splits.csv")
     evaluated = report.evaluate(model, Loader(data.test, batch_size=64), torch.device(DEVICE))
     agree = [rows[item]["predicted"] == classes[k]
              for item, k in zip(data.test.items, evaluated.predicted["fused"])]

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import scilt
 import train
 from conftest import ROOT, TINY, tiny_vit
@@ -117,7 +118,7 @@ def test_lora_alpha_defaults_to_the_rank_in_every_constructor():
     assert {layer.scaling for layer in scilt.lora_layers(model)} == {1.0}
     assert scilt.LoRALinear(torch.nn.Linear(4, 4), rank=2).scaling == 1.0
 
-    built = scilt.SciLT(tiny_vit(), COUNTS, rank=16, tau=train.TAU, aux_weight=train.AUX_WEIGHT)
+    built = checkpoint.build_model(train.parse_args(["--lora-rank", "16"]), COUNTS)
     assert {layer.scaling for layer in scilt.lora_layers(built)} == {1.0}
 
 
@@ -642,7 +643,7 @@ def test_create_backbone_refuses_what_is_not_a_vit():
 
 def test_parameter_counts():
     model, pretrained = build()
-    trainable, total = train.count_parameters(model)
+    trainable, total = checkpoint.count_parameters(model)
     lora = sum(p.numel() for layer in scilt.lora_layers(model)
                for p in (layer.lora_A, layer.lora_B))
     # two heads, the gate: a weight per class and level

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import analyze
+import checkpoint
 import export
 import fusions
 import predict
@@ -198,17 +199,17 @@ def test_predicted_probabilities_are_the_softmax_of_the_fused_scores(tmp_path):
     root, out = tmp_path / "images", tmp_path / "run"
     write_image_folder(root)
     run("--data", "folder", "--data-root", str(root), "--model", "tiny", *FAST, "--out", str(out))
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
     generator = torch.Generator().manual_seed(0)
-    for state in (checkpoint["model"], checkpoint["state"]["best"]):  # heads and gate that disagree
+    for state in (saved["model"], saved["state"]["best"]):  # heads and gate that disagree
         for name in ("heads.0.weight", "heads.1.weight"):
             state[name] = torch.randn(state[name].shape, generator=generator)
         state["gate"] = 3 * torch.randn(state["gate"].shape, generator=generator)
-    torch.save(checkpoint, out / "checkpoint.pt")
+    torch.save(saved, out / "checkpoint.pt")
     target = predict.main(["--out", str(out), str(root / "test")])
     rows = list(csv.DictReader(target.open()))
     model, trained, classes = predict.load_run(out, torch.device("cpu"))
-    transform = make_transform(16, *train.normalisation("tiny"))
+    transform = make_transform(16, *checkpoint.normalisation("tiny"))
     images = torch.stack([transform(Image.open(row["path"]).convert("RGB")) for row in rows])
     with torch.no_grad():
         out = model(images)

@@ -364,16 +364,16 @@ def test_torchrun_two_processes(tmp_path, capsys):
 def test_tiny_default_is_the_bundled_foundation_model():
     from safetensors.torch import load_file
 
-    backbone = train.load_backbone(train.parse_args([]))
-    stored = load_file(train.TINY_WEIGHTS)
+    backbone = checkpoint.load_backbone(train.parse_args([]))
+    stored = load_file(checkpoint.TINY_WEIGHTS)
     assert set(stored) == set(backbone.state_dict())
     for name, tensor in backbone.state_dict().items():
         torch.testing.assert_close(tensor, stored[name].float(), rtol=0, atol=0)
-    kwargs = {k: v for k, v in train.TINY.items() if k != "name"}
-    random = scilt.create_backbone(train.TINY["name"], **kwargs)  # timm's own initialisation
+    kwargs = {k: v for k, v in checkpoint.TINY.items() if k != "name"}
+    random = scilt.create_backbone(checkpoint.TINY["name"], **kwargs)  # timm's own initialisation
     assert not torch.equal(random.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
     # the stand-in pretrained across a domain gap, on fractals, loads the same way
-    fractal = train.load_backbone(train.parse_args(["--weights",
+    fractal = checkpoint.load_backbone(train.parse_args(["--weights",
                                                     str(ROOT / "fractal_vit.safetensors")]))
     for name, tensor in load_file(ROOT / "fractal_vit.safetensors").items():
         torch.testing.assert_close(fractal.state_dict()[name], tensor.float(), rtol=0, atol=0)
@@ -392,18 +392,19 @@ def test_backbone_from_a_local_weights_file(tmp_path, suffix):
         from safetensors.torch import save_file
         save_file(source.state_dict(), path)
     args = argparse.Namespace(model="vit_tiny_patch16_224", weights=str(path), img_size=32)
-    loaded = train.load_backbone(args).eval()
+    loaded = checkpoint.load_backbone(args).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.forward_head(loaded.forward_features(x), pre_logits=True),
                                source.eval().forward_head(source.forward_features(x),
                                                           pre_logits=True))
     with pytest.raises(train.Abort, match="missing.pth not found"):
-        train.load_backbone(argparse.Namespace(**{**vars(args),
+        checkpoint.load_backbone(argparse.Namespace(**{**vars(args),
                                                   "weights": tmp_path / "missing.pth"}))
     with pytest.raises(train.Abort, match="could not load weights file .* into vit_small_patch16"):
-        train.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_small_patch16_224"}))
+        checkpoint.load_backbone(argparse.Namespace(**{**vars(args),
+                                                       "model": "vit_small_patch16_224"}))
     with pytest.raises(train.Abort, match="unknown model 'vit_nonexistent'"):
-        train.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_nonexistent"}))
+        checkpoint.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_nonexistent"}))
 
 
 @pytest.mark.parametrize("method", ["final", "scilt", "feature"])
@@ -414,7 +415,7 @@ def test_start_row_is_the_class_mean_model_at_step_0(finished_run, method):
     flags = {"final": ["--method", "final"], "scilt": [], "feature": ["--fusion", "feature"]}
     metrics = metrics_of(finished_run(*FAST, *flags[method])[0])
     data = load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
-    backbone = train.load_backbone(train.parse_args(FAST)).eval()
+    backbone = checkpoint.load_backbone(train.parse_args(FAST)).eval()
 
     def cosines(images):  # each level's unit features, (N, D)
         with torch.no_grad():
@@ -450,7 +451,7 @@ def test_probe_on_the_levels_reads_the_models_own_levels_at_step_0(finished_run)
     out, printed = finished_run(*FAST)
     metrics = metrics_of(out)
     data = load_data("synthetic", img_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
-    backbone = train.load_backbone(train.parse_args(FAST)).eval()
+    backbone = checkpoint.load_backbone(train.parse_args(FAST)).eval()
 
     def levels(dataset):  # (N, 2 * D), in batches as evaluation runs them
         with torch.no_grad():
@@ -515,7 +516,7 @@ def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys, f
     assert "fractal_vit.safetensors" in error
     assert "SHA-256" in fails(capsys, *FAST, "--out", out, "--resume", "--weights",
                               str(ROOT / "fractal_vit.safetensors"))
-    shutil.copy(train.TINY_WEIGHTS, tmp_path / "moved.safetensors")
+    shutil.copy(train.checkpoint.TINY_WEIGHTS, tmp_path / "moved.safetensors")
     accepted("--weights", str(tmp_path / "moved.safetensors"))
     (tmp_path / "run" / "checkpoint.pt").write_bytes(saved[: len(saved) // 2])  # a copy cut short
     error = fails(capsys, *FAST, "--out", out, "--resume")
