@@ -133,16 +133,25 @@ def is_image(path):
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def hidden(name):  # a folder no user made by hand: .ipynb_checkpoints, .git, macOS's __MACOSX
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def visible_folders(folder):
     """The sub-folders of `folder` a user made: not hidden, not macOS's __MACOSX."""
     return sorted(d for d in folder.iterdir()
-                  if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
+                  if d.is_dir() and not hidden(d.name))
 
 
 def default_augment(img_size):
     """strong for images of 128 px and more, light below: a crop to 35% of a 32 px scan leaves a
     few pixels of the object."""
     return "strong" if img_size >= 128 else "light"
+
+
+def evaluation_resize(img_size):
+    """The side an image is resized to before its centre crop of img_size, as timm evaluates."""
+    return round(img_size / 0.875)
 
 
 def make_transform(img_size, mean, std, augment="none", vertical_flip=False):
@@ -155,7 +164,7 @@ def make_transform(img_size, mean, std, augment="none", vertical_flip=False):
     if augment == "strong":
         ops = [v2.RandomResizedCrop(img_size, scale=(0.35, 1.0))]
     else:
-        ops = [v2.Resize(round(img_size / 0.875)), v2.CenterCrop(img_size)]
+        ops = [v2.Resize(evaluation_resize(img_size)), v2.CenterCrop(img_size)]
     if augment != "none":
         ops.append(v2.RandomHorizontalFlip())
         if vertical_flip:
@@ -428,14 +437,34 @@ def load_npz(path, keys):
     try:
         arrays = np.load(path)
         found = [arrays[key] for key in keys]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError) as error:  # EOFError: a file of 0 bytes
         raise DataError(f"cannot read {path} ({error}): expected a MedMNIST .npz with the arrays "
                         f"{', '.join(keys)}") from None
     images = found[0]
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise DataError(f"{path} holds images of shape {images.shape[1:]}: expected 2D images, "
                         "(H, W) or (H, W, 3); 3D MedMNIST volumes are not supported")
+    check_npz(found, keys, path)
     return found, arrays
+
+
+def check_npz(arrays, keys, path):
+    """MedMNIST's layout, split by split: uint8 images of one shape, and as many labels, whole
+    numbers of 0 or more; images in the first split and the last (train, test)."""
+    for i in range(0, len(keys), 2):
+        images, labels, name = arrays[i], arrays[i + 1], keys[i]
+        if images.dtype != np.uint8 or images.shape[1:] != arrays[0].shape[1:]:
+            raise DataError(f"{path}: {name} holds {images.dtype} images of shape "
+                            f"{images.shape[1:]}: expected uint8 images, as MedMNIST stores them, "
+                            f"of one shape in every split ({keys[0]}: {arrays[0].shape[1:]})")
+        if len(labels) != len(images):
+            raise DataError(f"{path}: {len(images)} {name} but {len(labels)} {keys[i + 1]}: "
+                            "expected one label per image")
+        if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+            raise DataError(f"{path}: {keys[i + 1]} are not whole numbers of 0 or more: expected "
+                            "class indices")
+    if not len(arrays[0]) or not len(arrays[-2]):
+        raise DataError(f"{path}: {keys[0]} or {keys[-2]} is empty: expected images in both")
 
 
 def npz_labels(labels, path):
@@ -728,6 +757,9 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
     ratio = 100 if imbalance_ratio is None else imbalance_ratio
     source = SOURCES[name](root, seed, ratio, img_size)
     splits = read_splits(splits, source.classes) if splits else source.splits
+    if len(source.classes) < 2:
+        raise DataError(f"{root or name} holds one class ({source.classes[0]}): a classifier "
+                        "needs at least two")
     counts = np.bincount(splits["train"][1], minlength=len(source.classes)).tolist()
     if 0 in counts:
         raise DataError(f"class {source.classes[counts.index(0)]} has no training images in "
@@ -736,7 +768,7 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
 
     def image_set(split, policy):
         transform = make_transform(img_size, mean, std, policy, source.vertical_flip)
-        draft = round(img_size / 0.875)
+        draft = evaluation_resize(img_size)
         return ImageSet(source.images, *splits[split], transform, draft_size=draft)
 
     return Data(image_set("train", augment), image_set("val", "none"), image_set("test", "none"),

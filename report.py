@@ -189,8 +189,8 @@ def finish(model, loaders, data, before, facts, device, out, log):
     metrics.update(facts)
     print_report(metrics)
     write(metrics, out)
-    log(f"wrote {out / 'metrics.json'}, {out / 'report.png'}, {out / 'checkpoint.pt'}, "
-        f"{out / 'splits.csv'}")
+    log(f"wrote {out / 'metrics.json'}, {out / 'history.csv'}, {out / 'report.png'}, "
+        f"{out / 'checkpoint.pt'}, {out / 'splits.csv'}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -213,17 +213,24 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
                 dist.all_reduce(total)
             mean_loss = total[0].item() / (world() * (i + 1))
             if not math.isfinite(mean_loss):
-                saved = Path(args.out, "checkpoint.pt")
-                kept = f"the last good checkpoint is {saved}" if saved.exists() else \
-                    "no checkpoint was written yet"
-                raise Abort(f"the loss became {mean_loss} in epoch {epoch + 1}; {kept} (try a "
-                            "lower --lr)")
+                stop_non_finite(f"the loss became {mean_loss}", epoch, args)
             elapsed = time.time() - started
             left = elapsed / (i + 1) * (total_steps - step - 1)
             log(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {mean_loss:.4f} "
                 f"lr {get_lr(step, total_steps, args):.2e} {seen * world() / elapsed:.0f} img/s "
                 f"left {int(left // 60)}m{int(left % 60):02d}s")
+    # the last update may have made the weights non-finite after the loss was measured
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        stop_non_finite("the weights became non-finite", epoch, args)
     return time.time() - started, seen * world(), (total / (world() * steps)).tolist()
+
+
+def stop_non_finite(what, epoch, args):
+    """Stop before anything non-finite reaches a checkpoint or metrics.json."""
+    saved = Path(args.out, "checkpoint.pt")
+    kept = f"the last good checkpoint is {saved}" if saved.exists() else \
+        "no checkpoint was written yet"
+    raise Abort(f"{what} in epoch {epoch + 1}; {kept} (try a lower --lr)")
 
 
 def val_scores(model, val_loader, counts, device):

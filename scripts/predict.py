@@ -17,9 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint  # noqa: E402
-from checkpoint import replacing  # noqa: E402
+import data  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
+from checkpoint import replacing  # noqa: E402
 from data import (IMAGE_SUFFIXES, DataError, Loader, is_image, make_transform,  # noqa: E402
                   open_image)
 
@@ -27,7 +28,7 @@ from data import (IMAGE_SUFFIXES, DataError, Loader, is_image, make_transform,  
 def hidden(path, top):
     """Whether `path` lies in a hidden or __MACOSX folder below `top`."""
     folders = path.relative_to(top).parts[:-1]
-    return any(part.startswith(".") or part == "__MACOSX" for part in folders)
+    return any(data.hidden(part) for part in folders)
 
 
 def find_images(paths):
@@ -59,7 +60,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         try:
-            return self.transform(open_image(self.paths[i], round(self.img_size / 0.875))), ""
+            image = open_image(self.paths[i], data.evaluation_resize(self.img_size))
+            return self.transform(image), ""
         except DataError as error:
             return torch.zeros(3, self.img_size, self.img_size), str(error)
 

@@ -24,7 +24,7 @@ import checkpoint
 import report
 import scilt
 import train
-from data import Loader, load_data, make_transform, open_image
+from data import Loader, evaluation_resize, load_data, make_transform, open_image
 
 DEVICE = os.environ.get("SCILT_TEST_DEVICE", "cuda")
 ON_GPU = DEVICE == "cuda"
@@ -273,7 +273,7 @@ def test_predict_and_export_on_the_gpu(tmp_path, weights):
     loaded = loaded.to(DEVICE)
     transform = make_transform(IMG_SIZE, meta["mean"], meta["std"])
     for path, row in rows.items():
-        image = open_image(root / path, round(IMG_SIZE / 0.875))
+        image = open_image(root / path, evaluation_resize(IMG_SIZE))
         with torch.no_grad(), autocast():
             p = loaded(transform(image)[None].to(DEVICE)).logits.float().softmax(-1)[0]
         assert p.max().item() == pytest.approx(float(row["probability"]), abs=0.02)

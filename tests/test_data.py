@@ -2,6 +2,7 @@
 protocol, split files, transforms, and the promised error for each kind of bad input."""
 import csv
 import io
+import re
 
 import numpy as np
 import pytest
@@ -185,6 +186,44 @@ def test_npz_keeps_its_splits(tmp_path):
     np.savez(tmp_path / "partial.npz", train_images=arrays["train_images"])
     with pytest.raises(DataError, match="expected a MedMNIST .npz with the arrays"):
         load_data("npz", tmp_path / "partial.npz")
+
+
+def test_npz_files_that_do_not_hold_what_medmnist_holds_are_refused(tmp_path):
+    """Counts that disagree would read images under other images' labels; negative or fractional
+    labels, images other than uint8 or of another shape in one split, and an empty train split
+    would train on something else than the user meant: each is one line naming the array."""
+    good = {"train_images": np.zeros((30, 28, 28), np.uint8), "train_labels": np.arange(30) % 3,
+            "val_images": np.zeros((6, 28, 28), np.uint8), "val_labels": np.arange(6) % 3,
+            "test_images": np.zeros((6, 28, 28), np.uint8), "test_labels": np.arange(6) % 3}
+    np.savez(tmp_path / "good.npz", **good)
+    assert load_data("npz", tmp_path / "good.npz", img_size=32).class_counts == [10, 10, 10]
+    cases = {"counts": ({"train_labels": np.arange(20) % 3},
+                        "30 train_images but 20 train_labels"),
+             "negative": ({"val_labels": np.array([0, 1, 2, -1, 0, 1])},
+                          "val_labels are not whole"),
+             "float labels": ({"test_labels": np.full(6, 0.5)}, "test_labels are not whole"),
+             "float images": ({"train_images": np.zeros((30, 28, 28))}, "float64 images"),
+             "uint16 beside rgb": ({"val_images": np.zeros((6, 28, 28, 3), np.uint16)},
+                                   "uint16 images"),
+             "another size": ({"test_images": np.zeros((6, 32, 32), np.uint8)},
+                              "of shape (32, 32)"),
+             "empty train": ({"train_images": np.zeros((0, 28, 28), np.uint8),
+                              "train_labels": np.zeros(0, int)}, "train_images or test_images is "
+                                                                 "empty")}
+    for name, (change, message) in cases.items():
+        np.savez(tmp_path / "bad.npz", **{**good, **change})
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_data("npz", tmp_path / "bad.npz", img_size=32)
+    (tmp_path / "zero.npz").write_bytes(b"")
+    with pytest.raises(DataError, match="expected a MedMNIST .npz"):
+        load_data("npz", tmp_path / "zero.npz", img_size=32)
+
+
+def test_a_set_of_one_class_is_refused(tmp_path):
+    write_class_folders(tmp_path / "one" / "train", [5], ["cells"])
+    write_class_folders(tmp_path / "one" / "test", [2], ["cells"])
+    with pytest.raises(DataError, match=re.escape("holds one class (cells): a classifier needs")):
+        load_data("folder", tmp_path / "one", img_size=16)
 
 
 def test_folder_with_and_without_val(tmp_path):

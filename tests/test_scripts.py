@@ -2,6 +2,7 @@
 and the scale check."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,6 +253,32 @@ def test_predict_and_export_refuse_torchrun_and_need_a_run(tmp_path, capsys, mon
                                           str(tmp_path))
     assert "runs in one process" in fails(capsys, export.main, "--out", str(tmp_path),
                                           str(tmp_path / "m.safetensors"))
+
+
+def test_predict_and_export_never_write_onto_the_runs_files_and_check_their_flags(
+        tmp_path, capsys, finished_run):
+    """Export refuses a folder, a missing folder and the run's own files (checkpoint.pt would have
+    been replaced by the export); prediction checks its flags before any work and says when it
+    replaces an earlier predictions.csv."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run(*FAST)[0], out)
+    files = {path.name: path.read_bytes() for path in out.iterdir()}
+    for target in (out / "checkpoint.pt", out / "metrics.json", out, tmp_path / "no" / "m.st"):
+        error = fails(capsys, export.main, "--out", str(out), str(target))
+        assert "cannot write" in error or "lies in the run's own folder" in error
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == files
+    assert not list(tmp_path.glob("**/*.tmp"))
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be 1 or more"),
+                           (["--workers", "-1"], "--workers must be 0 or more"),
+                           (["--device", "banana"], "--device banana: expected cpu")):
+        assert message in fails(capsys, predict.main, "--out", str(out), *flags, str(ROOT))
+    images = tmp_path / "images"
+    write_image_folder(images)
+    predict.main(["--out", str(out), str(images / "test" / "red")])
+    predict.main(["--out", str(out), str(images / "test")])
+    printed = capsys.readouterr().out
+    assert "(it replaces the earlier one): 15 images classified" in printed
+    assert not list(out.glob("*.tmp"))
 
 
 def test_scale_script_runs_train_py_functions_on_random_features():

@@ -1,5 +1,6 @@
 """train.py end to end on the embedded default at a reduced size (16 px images, a few epochs)."""
 import argparse
+import errno
 import io
 import json
 import math
@@ -683,3 +684,109 @@ def test_val_can_choose_the_epoch_only_with_enough_images_of_every_class():
         val = train.make_loader(images(per_class), args, torch.device("cpu"))
         scores, enough = train.val_scores(model, val, [5, 3], torch.device("cpu"))
         assert 0 <= scores["fused"] <= 1 and enough == (per_class == train.MIN_VAL_PER_CLASS)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a careless user or a failing machine does: the right result, or one line, exit status 2,
+# and nothing written before lost.
+
+def test_weights_that_do_not_fit_the_backbone_are_refused(tmp_path, capsys, finished_run):
+    """timm loads a weights file leniently (the backbone has no classifier): a file of other names
+    would load nothing and train a random backbone. Each is refused, naming how many tensors fit;
+    DDP's module. prefix, which timm strips, loads."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(checkpoint.TINY_WEIGHTS)
+    files = {"prefixed": {f"model.{k}": v for k, v in state.items()},
+             "partial": {k: v for k, v in state.items() if k != "norm.weight"}}
+    for name, content in files.items():
+        save_file(content, tmp_path / f"{name}.safetensors")
+    exported = export.main(["--out", str(finished_run(*FAST)[0]), str(tmp_path / "x.safetensors")])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    expected = {"prefixed": "holds 0 of the 78 tensors of vit_tiny_patch16_224",
+                "partial": "holds 77 of the 78 tensors", "x": "its names start with 'backbone.'",
+                "empty": "cannot read weights file"}
+    for name, message in expected.items():
+        error = fails(capsys, *FAST, "--weights", str(tmp_path / f"{name}.safetensors"),
+                      "--out", str(tmp_path / name))
+        assert message in error and not (tmp_path / name).exists()
+    assert "start with 'model.'" in fails(capsys, *FAST, "--weights", str(tmp_path / "prefixed"
+                                                                        ".safetensors"))
+    assert exported.exists()
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pth")
+    loaded = checkpoint.load_backbone(train.parse_args([*FAST, "--weights",
+                                                        str(tmp_path / "ddp.pth")]))
+    for name, tensor in loaded.state_dict().items():
+        if name != "pos_embed":  # resized to 16 px
+            assert torch.equal(tensor, state[name].float()), name
+
+
+def test_a_run_writes_only_into_a_new_or_empty_folder_and_one_run_at_a_time(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = ["metrics.json", "splits.csv", "report.png", "checkpoint.pt.tmp"]  # no checkpoint.pt
+    for name in held:
+        (out / name).write_text(name)
+    error = fails(capsys, *FAST, "--out", str(out))
+    assert "already holds checkpoint.pt.tmp, metrics.json, report.png, splits.csv" in error
+    assert all((out / name).read_text() == name for name in held)
+    (tmp_path / "file").write_text("mine")
+    assert "is a file: expected a folder" in fails(capsys, *FAST, "--out", str(tmp_path / "file"))
+    assert "Not a directory" in fails(capsys, *FAST, "--out", str(tmp_path / "file" / "run"))
+    assert (tmp_path / "file").read_text() == "mine"
+    busy = tmp_path / "busy"  # a run is writing there: the second stops before it writes
+    busy.mkdir()
+    lock = os.open(busy, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        assert f"another run is writing into {busy}" in fails(capsys, *FAST, "--out", str(busy))
+    finally:
+        os.close(lock)
+    assert not any(busy.iterdir())
+
+
+def test_a_full_disk_ctrl_c_and_non_finite_weights_keep_the_last_checkpoint(
+        tmp_path, capsys, monkeypatch, cut_run):
+    out = tmp_path / "run"
+    shutil.copytree(cut_run, out)
+    saved = (out / "checkpoint.pt").read_bytes()
+
+    def no_space(obj, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    with monkeypatch.context() as patch:  # the disk fills as the next checkpoint is written
+        patch.setattr(torch, "save", no_space)
+        error = fails(capsys, *THREE_EPOCHS, "--out", str(out), "--resume")
+    assert "No space left on device" in error and "every file written before is intact" in error
+    assert (out / "checkpoint.pt").read_bytes() == saved
+    assert not (out / "checkpoint.pt.tmp").exists()
+    epochs = iter([None, KeyboardInterrupt])
+    real = train.train_one_epoch
+
+    def interrupted_in_second_epoch(*args):
+        if next(epochs):
+            raise KeyboardInterrupt
+        return real(*args)
+
+    with monkeypatch.context() as patch:  # Ctrl-C during the second epoch of this resumption
+        patch.setattr(train, "train_one_epoch", interrupted_in_second_epoch)
+        error = fails(capsys, *THREE_EPOCHS, "--out", str(out), "--resume")
+    assert error == (f"error: interrupted; every file written before is intact; --resume --out "
+                     f"{out} goes on from its last checkpoint")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 2
+    step, steps = torch.optim.AdamW.step, []
+
+    def poisoned(self, *args, **kwargs):  # the epoch's last update, after its last loss: NaN
+        result = step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 15:
+            self.param_groups[0]["params"][0].data.fill_(float("nan"))
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", poisoned)
+        error = fails(capsys, *FAST, "--out", str(tmp_path / "nan"))
+    assert "the weights became non-finite in epoch 1; no checkpoint was written yet" in error
+    assert sorted(p.name for p in (tmp_path / "nan").iterdir()) == ["splits.csv"]
