@@ -5,7 +5,6 @@ run's state and flags, the SHA-256 of the backbone's weights and the number of p
 checks that load it, on --resume, --eval-only or in a script, only into the model it was trained
 as. train.py and the scripts build what they use here.
 """
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -37,9 +36,9 @@ WEIGHT_PREFIXES = ("module.", "model.", "backbone.")  # DDP's, other trainers', 
 MODEL_FLAGS = ("data", "model", "method", "fusion", "lora_rank", "img_size", "imbalance_ratio")
 SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
 KEYS = {"state", "model", "classes", "class_counts", "optimizer", "args", "weights_sha256",
-        "world_size"}  # what train.py saves
+        "world_size", "levels"}  # what train.py saves
 STATE_KEYS = {"epoch", "best_epoch", "best_val", "best", "train_seconds", "before"}
-ARGS = {*MODEL_FLAGS, *SCHEDULE_FLAGS, "blocks", "weights"}
+ARGS = {*MODEL_FLAGS, *SCHEDULE_FLAGS, "weights"}
 
 
 class Abort(Exception):
@@ -243,10 +242,8 @@ def sha256(path):
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def level_blocks(args, depth):
-    """The blocks (1..N) a run's model reads, however --blocks spelled them."""
-    asked = {"scilt": args.blocks, "final": [-1], "penultimate": [-2]}[args.method]
-    return sorted({b if b > 0 else depth + 1 + b for b in asked})
+def saved_levels(model):  # the blocks a model reads, 1..N, as a checkpoint keeps them
+    return [b + 1 for b in model.blocks]
 
 
 def flag_values(values, flags):
@@ -263,10 +260,10 @@ def restore(model, checkpoint, path, args, weights_sha256, processes=1, optimize
     trained with: what makes the model (the backbone's weights by content, the levels however
     spelled), and on --resume what shapes the schedule (the number of processes too)."""
     flags = MODEL_FLAGS + (() if args.eval_only else SCHEDULE_FLAGS)
-    was, asked, depth = dict(checkpoint["args"]), vars(args).copy(), len(model.backbone.blocks)
+    was, asked = dict(checkpoint["args"]), vars(args).copy()
     differ = [flag for flag in flags if was.get(flag) != asked.get(flag)]
-    was["blocks"] = level_blocks(argparse.Namespace(**was), depth)
-    asked["blocks"] = level_blocks(args, depth)
+    # the levels as the models read them, blocks 1..N, however --blocks spelled them
+    was["blocks"], asked["blocks"] = checkpoint["levels"], saved_levels(model)
     if not differ and was["blocks"] != asked["blocks"]:
         differ = ["blocks"]
     if differ:

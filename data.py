@@ -28,53 +28,18 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
 from checkpoint import replacing
+from download import IMAGE_SUFFIXES, LISTS, LISTS_URL, WHERE, DataError, ensure_downloaded
 
-WHERE = {  # where each set comes from, for the messages that ask a user to fetch it by hand
-    "isic": "ISIC 2019 training data from https://challenge.isic-archive.com/data/#2019",
-    "nih": "NIH ChestX-ray14 images from https://nihcc.app.box.com/v/ChestXray-NIHCC and the "
-           "NIH-CXR-LT label CSVs linked from https://github.com/VITA-Group/LongTailCXR",
-    "blood": "bloodmnist_224.npz from https://zenodo.org/records/10519652, or the PBC images from "
-             "https://data.mendeley.com/datasets/snkd93bnjr/1 (one folder per cell type)",
-    "npz": "MedMNIST .npz files from https://zenodo.org/records/10519652",
-    "folder": "your own images laid out as train/<class>/*, test/<class>/* and optionally "
-              "val/<class>/*",
-    "cifar100-lt": "cifar-100-python/ from "
-                   "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-    "imagenet-lt": "ImageNet 2012 (login at https://image-net.org) as train/<wnid>/*.JPEG and "
-                   "val/<wnid>/*.JPEG",
-    "places-lt": "Places365-Standard 256 px (http://places2.csail.mit.edu/download.html) as "
-                 "data_256/ and val_256/",
-    "inat2018": "iNaturalist 2018 (https://github.com/visipedia/inat_comp/tree/master/2018) as "
-                "train_val2018/",
-}
 DEFAULT_ROOTS = {"isic": "data/isic2019", "nih": "data/nih-cxr-lt", "blood": "data/bloodmnist",
                  "cifar100-lt": "data/cifar100", "imagenet-lt": "data/imagenet-lt",
                  "places-lt": "data/places-lt", "inat2018": "data/inat2018"}
-LISTS_URL = "https://raw.githubusercontent.com/shijxcs/LIFT/main/datasets/"  # LIFT's split lists
-LISTS = {  # set -> (folder in LISTS_URL, split -> (file, lines)); iNaturalist 2018 tests on val
-    "imagenet-lt": ("ImageNet_LT", {"train": ("ImageNet_LT_train.txt", 115846),
-                                    "val": ("ImageNet_LT_val.txt", 20000),
-                                    "test": ("ImageNet_LT_test.txt", 50000)}),
-    "places-lt": ("Places_LT", {"train": ("Places_LT_train.txt", 62500),
-                                "val": ("Places_LT_val.txt", 7300),
-                                "test": ("Places_LT_test.txt", 36500)}),
-    "inat2018": ("iNaturalist18", {"train": ("iNaturalist18_train.txt", 437513),
-                                   "test": ("iNaturalist18_val.txt", 24426)}),
-}
 ISIC_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]  # UNK (no images) dropped
 BLOOD_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
                  "neutrophil", "platelet"]  # PBC folder names; BloodMNIST's label order
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}  # as
-# torchvision's ImageFolder; never AppleDouble files (._name.jpg, left by copying from a Mac), and
-# never anything in a hidden or __MACOSX folder (.ipynb_checkpoints, ...)
 NPZ_KEYS = ["train_images", "train_labels", "val_images", "val_labels", "test_images",
             "test_labels"]
 TEST_PER_CLASS, VAL_PER_CLASS, MAX_PER_CLASS = 100, 50, 5000
 AUGMENTS = ("none", "light", "strong")
-
-
-class DataError(Exception):
-    """Bad or missing data: the message is one line for the user."""
 
 
 class Source(NamedTuple):
@@ -273,6 +238,11 @@ def read_splits(path, classes):
                             "written for other data")
         splits[row["split"]][0].append(row["item"])
         splits[row["split"]][1].append(index[row["label"]])
+    unlisted = sorted(set(classes) - {classes[k] for k in splits["train"][1]})
+    if unlisted:  # a class folder added after the run began
+        raise DataError(f"{', '.join(unlisted)} is not among the classes split file {path} was "
+                        "written for: expected the data the run began with (a new class needs a "
+                        "new run)")
     return splits
 
 
@@ -750,7 +720,6 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
             raise DataError(f"--data {name} needs --data-root: expected {WHERE[name]}")
         root = Path(root or DEFAULT_ROOTS[name])
         if root.suffix != ".npz":  # a file named by the user is never a folder to download into
-            from download import ensure_downloaded  # here: only a missing set needs the network
             ensure_downloaded(name, root, download)
         if not root.exists():
             raise DataError(f"--data-root {root} does not exist: expected {WHERE[name]}")

@@ -1,5 +1,6 @@
-"""Downloads for data.py: a set missing from its root (default data/<set>) is fetched there, as
-torchvision does.
+"""Where each data set comes from, and its download: a set missing from its root (default
+data/<set>) is fetched there, as torchvision does. data.py imports this file (the addresses, the
+image suffixes, DataError), and this file imports nothing of the repository's.
 
 One line first says what (files, total size, host, destination), then a progress line per file
 with speed and time left. A cut download leaves FILE.part and resumes with an HTTP Range request; a
@@ -23,7 +24,43 @@ import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from data import IMAGE_SUFFIXES, LISTS, LISTS_URL, WHERE, DataError
+
+class DataError(Exception):
+    """Bad or missing data, here or in data.py: the message is one line for the user."""
+
+
+WHERE = {  # where each set comes from, for the messages that ask a user to fetch it by hand
+    "isic": "ISIC 2019 training data from https://challenge.isic-archive.com/data/#2019",
+    "nih": "NIH ChestX-ray14 images from https://nihcc.app.box.com/v/ChestXray-NIHCC and the "
+           "NIH-CXR-LT label CSVs linked from https://github.com/VITA-Group/LongTailCXR",
+    "blood": "bloodmnist_224.npz from https://zenodo.org/records/10519652, or the PBC images from "
+             "https://data.mendeley.com/datasets/snkd93bnjr/1 (one folder per cell type)",
+    "npz": "MedMNIST .npz files from https://zenodo.org/records/10519652",
+    "folder": "your own images laid out as train/<class>/*, test/<class>/* and optionally "
+              "val/<class>/*",
+    "cifar100-lt": "cifar-100-python/ from "
+                   "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "imagenet-lt": "ImageNet 2012 (login at https://image-net.org) as train/<wnid>/*.JPEG and "
+                   "val/<wnid>/*.JPEG",
+    "places-lt": "Places365-Standard 256 px (http://places2.csail.mit.edu/download.html) as "
+                 "data_256/ and val_256/",
+    "inat2018": "iNaturalist 2018 (https://github.com/visipedia/inat_comp/tree/master/2018) as "
+                "train_val2018/",
+}
+LISTS_URL = "https://raw.githubusercontent.com/shijxcs/LIFT/main/datasets/"  # LIFT's split lists
+LISTS = {  # set -> (folder in LISTS_URL, split -> (file, lines)); iNaturalist 2018 tests on val
+    "imagenet-lt": ("ImageNet_LT", {"train": ("ImageNet_LT_train.txt", 115846),
+                                    "val": ("ImageNet_LT_val.txt", 20000),
+                                    "test": ("ImageNet_LT_test.txt", 50000)}),
+    "places-lt": ("Places_LT", {"train": ("Places_LT_train.txt", 62500),
+                                "val": ("Places_LT_val.txt", 7300),
+                                "test": ("Places_LT_test.txt", 36500)}),
+    "inat2018": ("iNaturalist18", {"train": ("iNaturalist18_train.txt", 437513),
+                                   "test": ("iNaturalist18_val.txt", 24426)}),
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}  # as
+# torchvision's ImageFolder; never AppleDouble files (._name.jpg, left by copying from a Mac), and
+# never anything in a hidden or __MACOSX folder (.ipynb_checkpoints, ...)
 
 
 class Remote(NamedTuple):

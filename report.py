@@ -381,7 +381,7 @@ def plot_report(metrics, path, history=()):
             left.plot(counts[order], [np.nan if a is None else 100 * a for a in accuracy],
                       **STYLES.get(name, dict(marker="v", ms=3)),
                       label=f"{name} ({100 * head['balanced_acc']:.1f})")
-    for boundary in (20, 100):  # few | medium | many
+    for boundary in (scilt.FEW_SHOT, scilt.MANY_SHOT):  # few | medium | many
         left.axvline(boundary, color="0.85", ls=":")
     left.set(xscale="log", xlabel="training images of the class (log scale)",
              ylabel="test accuracy (%)",

@@ -23,6 +23,7 @@ FUSIONS = ("class", "fixed", "feature")  # of scores by a per-class gate or a = 
 COSINE_SCALE = 25.0   # s = scale * cos(W_k, h) as a head is built; init_heads then fits it
 WEIGHT_DECAY = 1e-2   # AdamW's, on LoRA and the heads; none on the gate
 GATE_LR_SCALE = 30    # the gate's learning rate over the others' (see configure_optimizer)
+MANY_SHOT, FEW_SHOT = 100, 20  # many: > 100 training images, few: < 20, medium: in between
 
 
 # -------------------------------------------------------------------------------------------------
@@ -182,7 +183,6 @@ class SciLT(nn.Module):
         for attribute in VIT_NEEDS:
             assert hasattr(backbone, attribute), f"backbone needs `{attribute}` like a timm ViT"
         depth = len(backbone.blocks)
-        assert depth >= 2, "the tap needs at least two blocks"
         assert all(-depth <= b < depth for b in blocks), f"blocks outside -{depth}..{depth - 1}"
         counts = torch.as_tensor(class_counts, dtype=torch.float)
         assert counts.ndim == 1 and (counts > 0).all(), f"counts must be positive: {class_counts}"
@@ -338,9 +338,9 @@ def long_tail_metrics(preds, targets, class_counts, class_names=None):
     return {
         "overall_acc": float((preds == targets).mean()) if len(targets) else None,
         "balanced_acc": _mean(per_class), "macro_f1": _mean(f1),  # mean 2TP / (2TP + FP + FN)
-        "many": group(np.flatnonzero(counts > 100)),
-        "medium": group(np.flatnonzero((counts >= 20) & (counts <= 100))),
-        "few": group(np.flatnonzero(counts < 20)),
+        "many": group(np.flatnonzero(counts > MANY_SHOT)),
+        "medium": group(np.flatnonzero((counts >= FEW_SHOT) & (counts <= MANY_SHOT))),
+        "few": group(np.flatnonzero(counts < FEW_SHOT)),
         "head": group(head), "middle": group(middle), "tail": group(tail),
         "per_class_acc": dict(zip(names, per_class)),
     }

@@ -7,9 +7,12 @@
     torchrun --nproc_per_node=4 train.py --data nih                # one process per GPU
     python train.py --out runs/x --resume          # continue run x; --eval-only re-evaluates it
 
-Writes to --out: metrics.json and report.png (report.py), checkpoint.pt (checkpoint.py: LoRA,
-heads, gate, optimizer and arguments, not the frozen backbone) and splits.csv (the exact train /
-val / test images). scripts/predict.py and scripts/export.py use a finished run.
+Writes to --out: metrics.json, history.csv and report.png (report.py), checkpoint.pt (checkpoint.py:
+LoRA, heads, gate, optimizer and arguments, not the frozen backbone) and splits.csv (the exact
+train / val / test images). scripts/predict.py and scripts/export.py use a finished run.
+To read one run: scilt.py (the method), then this file top to bottom (the settings, the flags, the
+loop, run()), stepping into checkpoint.py for the model and the run's files, data.py for the sets
+and report.py for step 0 and the report.
 """
 import argparse
 import contextlib
@@ -273,7 +276,8 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
             saved = {"state": state, "model": checkpoint.trainable_state(model),
                      "classes": data.classes, "class_counts": data.class_counts,
                      "optimizer": optimizer.state_dict(), "args": vars(args),
-                     "weights_sha256": checkpoint.sha256(weights_file(args)), "world_size": world()}
+                     "weights_sha256": checkpoint.sha256(weights_file(args)), "world_size": world(),
+                     "levels": checkpoint.saved_levels(model)}
             checkpoint.save_atomically(saved, checkpoint_path)
 
 
@@ -371,7 +375,9 @@ def run_program(work, args, resumable=False):
     except OSError as error:  # no space left, a read-only or missing folder, ...
         where = f" ({error.filename})" if error.filename else ""
         message = f"{error.strerror or error}{where}: every file written before is intact"
-    except (MemoryError, torch.OutOfMemoryError):
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as error:
+        if not isinstance(error, MemoryError) and "memory" not in str(error):
+            raise  # a bug, not the machine: its traceback helps
         message = "out of memory: expected a smaller --batch-size or --img-size"
     finally:
         if dist.is_initialized():

@@ -43,7 +43,8 @@ def tail_group(data):
     """few (< 20 training images) where many, medium and few all hold classes, else tail (by rank
     in thirds; with 2 classes the middle third is empty and tail the rarer class)."""
     counts = torch.tensor(data.group_counts)
-    if (counts > 100).any() and ((counts >= 20) & (counts <= 100)).any() and (counts < 20).any():
+    many, few = counts > scilt.MANY_SHOT, counts < scilt.FEW_SHOT
+    if many.any() and (~many & ~few).any() and few.any():
         return "few"
     return "tail"
 

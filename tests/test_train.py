@@ -226,6 +226,38 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()
 
 
+def test_every_flag_is_checked_as_it_enters(tmp_path, capsys, monkeypatch):
+    """Values of the right type that would still train on the wrong thing, or fail deep inside a
+    run (NaN passes every comparison, a ratio below 1 reverses the profile)."""
+    cases = {("--lr", "nan"): "--lr must be a positive number, got nan",
+             ("--imbalance-ratio", "0.5"): "--imbalance-ratio must be a number of at least 1",
+             ("--imbalance-ratio", "nan"): "--imbalance-ratio must be a number of at least 1",
+             ("--seed", "-1"): "--seed must be 0 or more", ("--workers", "-1"): "--workers must",
+             ("--device", "banana"): "--device banana: expected cpu, cuda or cuda:N"}
+    for flags, message in cases.items():
+        assert message in fails(capsys, *FAST, *flags, "--out", str(tmp_path / "x"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "PyTorch sees no CUDA device here" in fails(capsys, *FAST, "--device", "cuda")
+    assert not (tmp_path / "x").exists()
+
+    def out_of_memory(*args):  # what torch raises on a CPU, --img-size 1000 say
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+
+    monkeypatch.setattr(report, "step_zero", out_of_memory)
+    error = fails(capsys, *FAST, "--out", str(tmp_path / "big"))
+    assert error == "error: out of memory: expected a smaller --batch-size or --img-size"
+
+
+def test_a_class_added_before_resume_is_named(tmp_path, capsys):
+    images = colour_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    flags = ("--data", "folder", "--data-root", str(images), *SMALL, "--epochs", "1")
+    run(*flags, "--out", str(out))
+    shutil.copytree(images / "train" / "red", images / "train" / "violet")
+    error = fails(capsys, *flags, "--out", str(out), "--eval-only")
+    assert "violet is not among the classes split file" in error and "new run" in error
+
+
 def test_real_data_defaults_to_hub_weights_and_says_how_to_go_offline(tmp_path, capsys):
     write_npz(tmp_path / "three.npz", 3)
     args = train.parse_args(["--data", "npz", "--data-root", str(tmp_path / "three.npz")])
@@ -523,10 +555,10 @@ def test_checkpoint_of_another_rank_or_truncated_is_one_line(tmp_path, capsys, f
     error = fails(capsys, *FAST, "--out", out, "--resume")
     assert error.startswith(f"error: cannot read checkpoint {tmp_path / 'run' / 'checkpoint.pt'}")
     assert "it may be truncated" in error
-    # a file that loads but is not ours, one without a flag of today's (--blocks, from an older
-    # train.py), and one with pickled code: refused in one line, and never run
+    # a file that loads but is not ours, one written by an older train.py (without the levels it
+    # read), and one with pickled code: refused in one line, and never run
     checkpoint = torch.load(io.BytesIO(saved), weights_only=True)
-    del checkpoint["args"]["blocks"]
+    del checkpoint["levels"]
     for content in ({}, torch.zeros(3), {**checkpoint, "optimizer": None} | {"state": 1},
                     checkpoint):
         torch.save(content, tmp_path / "run" / "checkpoint.pt")
