@@ -295,7 +295,7 @@ def test_checkpoint_of_another_class_count_and_no_overwrite(tmp_path, capsys):
     on_four = ("--data", "npz", "--data-root", str(tmp_path / "four.npz"), "--model", "tiny", *FAST)
     # the 3-class run's split file already disagrees with 4-class data
     error = fails(capsys, *on_four, "--out", three, "--eval-only")
-    assert "class 3 has no training images" in error
+    assert "3 is not among the classes split file" in error
     # and with a split file that fits, the checkpoint itself is refused
     run(*on_four, "--out", four)
     (tmp_path / "three" / "splits.csv").write_bytes((tmp_path / "four" / "splits.csv").read_bytes())
