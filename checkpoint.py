@@ -37,7 +37,7 @@ MODEL_FLAGS = ("data", "model", "method", "fusion", "lora_rank", "img_size", "im
 SCHEDULE_FLAGS = ("epochs", "batch_size", "lr", "augment", "seed")
 KEYS = {"state", "model", "classes", "class_counts", "optimizer", "args", "weights_sha256",
         "world_size", "levels"}  # what train.py saves
-STATE_KEYS = {"epoch", "best_epoch", "best_val", "best", "train_seconds", "before"}
+STATE_KEYS = {"epoch", "best_epoch", "best_val", "best", "train_seconds", "bars"}
 ARGS = {*MODEL_FLAGS, *SCHEDULE_FLAGS, "weights"}
 
 

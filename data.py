@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
 from checkpoint import replacing
-from download import IMAGE_SUFFIXES, LISTS, LISTS_URL, WHERE, DataError, ensure_downloaded
+from download import IMAGE_SUFFIXES, LISTS, LISTS_URL, WHERE_TO_GET, DataError, ensure_downloaded
 
 DEFAULT_ROOTS = {"isic": "data/isic2019", "nih": "data/nih-cxr-lt", "blood": "data/bloodmnist",
                  "cifar100-lt": "data/cifar100", "imagenet-lt": "data/imagenet-lt",
@@ -214,7 +214,7 @@ def long_tail_split(labels, classes, *, imbalance_ratio, seed, test_per_class=TE
             "test": np.concatenate([s[:test_per_class] for s in shuffled])}
 
 
-def pick(items, labels, indices):
+def take(items, labels, indices):
     return [items[i] for i in indices], [int(labels[i]) for i in indices]
 
 
@@ -296,7 +296,7 @@ def protocol_splits(items, labels, classes, imbalance_ratio, seed, where):
     """The ISIC-2019-LT protocol on a pool of (items, labels): split -> (items, labels)."""
     split = long_tail_split(labels, classes, imbalance_ratio=imbalance_ratio, seed=seed,
                             where=where)
-    return {name: pick(items, labels, indices) for name, indices in split.items()}
+    return {name: take(items, labels, indices) for name, indices in split.items()}
 
 
 def isic(root, seed, imbalance_ratio, img_size):
@@ -515,7 +515,7 @@ def image_folders(root, seed, imbalance_ratio, img_size):
         if len(indices) > 1:
             val += indices[:max(1, len(indices) // 10)].tolist()
     train = sorted(set(range(len(items))) - set(val))
-    splits = {"train": pick(items, labels, train), "val": pick(items, labels, sorted(val)),
+    splits = {"train": take(items, labels, train), "val": take(items, labels, sorted(val)),
               "test": splits["test"]}
     return Source(classes, root, splits, vertical_flip=False)
 
@@ -541,7 +541,7 @@ def cifar100_lt(root, seed, imbalance_ratio, img_size):
                 return pickle.load(f, encoding="latin1")
         except (OSError, EOFError, pickle.UnpicklingError) as error:
             raise DataError(f"cannot read {folder / name} ({error}): expected CIFAR-100's python "
-                            f"version, {WHERE['cifar100-lt']}") from None
+                            f"version, {WHERE_TO_GET['cifar100-lt']}") from None
 
     train, test, meta = load("train"), load("test"), load("meta")
     labels, classes = np.asarray(train["fine_labels"]), meta["fine_label_names"]
@@ -609,7 +609,7 @@ def split_lists(root, seed, imbalance_ratio, img_size, name):
     missing = [item for item in firsts.values() if not (root / item).is_file()]
     if missing:
         raise DataError(f"image {root / missing[0]} of the {name} lists is missing: expected "
-                        f"{WHERE[name]} in {root}")
+                        f"{WHERE_TO_GET[name]} in {root}")
     return Source(classes, root, splits, vertical_flip=False)
 
 
@@ -699,7 +699,7 @@ def make_synthetic(seed=0, imbalance_ratio=100):
 SOURCES = {"synthetic": synthetic, "isic": isic, "nih": nih, "blood": blood, "npz": medmnist,
            "folder": image_folders, "cifar100-lt": cifar100_lt,
            **{name: functools.partial(split_lists, name=name) for name in LISTS}}
-OWN_SPLITS = {"nih", "npz", "folder", *LISTS}  # kept as published: no long-tailed subsampling
+PUBLISHED_SPLITS = {"nih", "npz", "folder", *LISTS}  # kept as published: no long-tailed subsampling
 
 
 def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=None, seed=0,
@@ -711,18 +711,18 @@ def load_data(name, root=None, *, img_size=224, augment=None, imbalance_ratio=No
     would make, so that a resumed or repeated evaluation sees exactly the same images."""
     if name not in SOURCES:
         raise DataError(f"unknown data set {name!r}: expected one of {', '.join(SOURCES)}")
-    if name in OWN_SPLITS and imbalance_ratio is not None:
+    if name in PUBLISHED_SPLITS and imbalance_ratio is not None:
         raise DataError(f"--imbalance-ratio does not apply to --data {name}, which keeps its own "
                         "splits: expected it only with "
-                        f"{', '.join(sorted(set(SOURCES) - OWN_SPLITS))}")
+                        f"{', '.join(sorted(set(SOURCES) - PUBLISHED_SPLITS))}")
     if name != "synthetic":
         if root is None and name not in DEFAULT_ROOTS:
-            raise DataError(f"--data {name} needs --data-root: expected {WHERE[name]}")
+            raise DataError(f"--data {name} needs --data-root: expected {WHERE_TO_GET[name]}")
         root = Path(root or DEFAULT_ROOTS[name])
         if root.suffix != ".npz":  # a file named by the user is never a folder to download into
             ensure_downloaded(name, root, download)
         if not root.exists():
-            raise DataError(f"--data-root {root} does not exist: expected {WHERE[name]}")
+            raise DataError(f"--data-root {root} does not exist: expected {WHERE_TO_GET[name]}")
     ratio = 100 if imbalance_ratio is None else imbalance_ratio
     source = SOURCES[name](root, seed, ratio, img_size)
     splits = read_splits(splits, source.classes) if splits else source.splits

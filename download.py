@@ -29,7 +29,7 @@ class DataError(Exception):
     """Bad or missing data, here or in data.py: the message is one line for the user."""
 
 
-WHERE = {  # where each set comes from, for the messages that ask a user to fetch it by hand
+WHERE_TO_GET = {  # where each set comes from, for the messages that ask a user to fetch it by hand
     "isic": "ISIC 2019 training data from https://challenge.isic-archive.com/data/#2019",
     "nih": "NIH ChestX-ray14 images from https://nihcc.app.box.com/v/ChestXray-NIHCC and the "
            "NIH-CXR-LT label CSVs linked from https://github.com/VITA-Group/LongTailCXR",
@@ -249,7 +249,8 @@ def ensure_downloaded(name, root, allowed=True):
     files = ", ".join(r.filename for r in todo)
     if not allowed:
         raise DataError(f"{root} does not hold the {name} data and --no-download forbids fetching "
-                        f"it: expected {WHERE[name]} (or drop --no-download to fetch {files})")
+                        f"it: expected {WHERE_TO_GET[name]} (or drop --no-download to fetch "
+                        f"{files})")
     hosts = ", ".join(sorted({urllib.parse.urlsplit(mirrored(r.url)).netloc for r in todo}))
     first = ", ".join(r.filename for r in todo[:3]) + (", ..." if len(todo) > 3 else "")
     print(f"downloading {name} into {root}: {len(todo)} file(s), about "

@@ -129,7 +129,7 @@ class LinearProbe:
 def fit_probe(train_h, train_labels, val_h, val_labels, counts, tau=1.0, device="cpu", steps=200):
     """The linear probe with the weight decay that val's balanced accuracy prefers."""
     log_prior = torch.log(torch.tensor(counts, dtype=torch.float64) / sum(counts))
-    if len(val_labels) == 0:  # nothing to choose by: the middle weight decay alone
+    if len(val_labels) == 0:  # with nothing to choose by, the middle weight decay alone
         decay = PROBE_WEIGHT_DECAYS[len(PROBE_WEIGHT_DECAYS) // 2]
         return LinearProbe(train_h, train_labels, log_prior, tau, decay, steps, device)
     best, best_score = None, -1.0
@@ -169,24 +169,24 @@ def step_zero(model, loaders, data, device, log):
     model.init_heads(features, train.labels.to(device))
     val = evaluate(model, loaders["val"], device)
     test = evaluate(model, loaders["test"], device)
-    # every process has every image's features and fits the same probe: none waits on another
-    before = start_metrics(train, val, test, data.class_counts, data.group_counts, data.classes,
+    # every process has every image's features and fits the same probe, so none waits on another
+    bars = start_metrics(train, val, test, data.class_counts, data.group_counts, data.classes,
                            model.tau, device)
-    log(f"step 0 on test: class means {100 * before['start']['balanced_acc']:.1f}% (cosine scale "
+    log(f"step 0 on test: class means {100 * bars['start']['balanced_acc']:.1f}% (cosine scale "
         f"fitted to {model.scale:.3g}), linear probe on frozen features "
-        f"{100 * before['probe']['balanced_acc']:.1f}%, on the levels "
-        f"{100 * before['probe_levels']['balanced_acc']:.1f}% balanced accuracy")
-    return before
+        f"{100 * bars['probe']['balanced_acc']:.1f}%, on the levels "
+        f"{100 * bars['probe_levels']['balanced_acc']:.1f}% balanced accuracy")
+    return bars
 
 
-def finish(model, loaders, data, before, facts, device, out, log):
+def finish(model, loaders, data, bars, summary, device, out, log):
     """The report of the trained model (the epoch the run kept): every set evaluated, the table
     printed, metrics.json and report.png written by the first process."""
     test, val, train = (evaluate(model, loaders[name], device) for name in ("test", "val", "train"))
     if dist.is_initialized() and dist.get_rank() > 0:
         return
-    metrics = report(model, test, val, train, data, before)
-    metrics.update(facts)
+    metrics = metrics_of(model, test, val, train, data, bars)
+    metrics.update(summary)
     print_report(metrics)
     write(metrics, out)
     log(f"wrote {out / 'metrics.json'}, {out / 'history.csv'}, {out / 'report.png'}, "
@@ -263,7 +263,7 @@ def fusion_val_correlation(a, val, counts):
     return float(np.corrcoef(a[held].numpy(), gain)[0, 1])
 
 
-def report(model, test, val, train, data, before):
+def metrics_of(model, test, val, train, data, bars):
     """metrics.json, accuracies as fractions: the fused prediction's `overall_acc`,
     `balanced_acc`, `macro_f1`, `many` / `medium` / `few` (by data.group_counts), `head` / `middle`
     / `tail` (by rank) and `per_class_acc`; `heads`: the same for `start` (step 0), `probe` (the
@@ -290,7 +290,7 @@ def report(model, test, val, train, data, before):
             device = model.gate.device
             fused = model.fused_features(*(h.to(device) for h in level_features.values())).cpu()
     check = scilt.rademacher_check(level_features, weights, model.scale, fused)
-    rows = dict(before)  # start and probe, then every level the method could have, then fused
+    rows = dict(bars)  # start and the probes, then every level the method could have, then fused
     for name in [*names, "penultimate", "final"]:
         rows.setdefault(name, heads.get(name))
     rows["fused"] = heads["fused"]
@@ -351,7 +351,7 @@ def write(metrics, out):
 
 
 def pyplot():
-    import matplotlib  # only here: nothing else needs it
+    import matplotlib  # only here, as nothing else needs it
     matplotlib.use("Agg")  # to files, no display
     import matplotlib.pyplot as plt
     return plt

@@ -143,7 +143,7 @@ class CosineClassifier(nn.Module):
     def __init__(self, dim, num_classes):
         super().__init__()
         self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, dim), dim=-1))
-        self.register_buffer("scale", torch.tensor(COSINE_SCALE))  # a temperature: fitted once
+        self.register_buffer("scale", torch.tensor(COSINE_SCALE))  # a temperature, fitted at step 0
 
     def forward(self, h):  # (B, D) -> (B, K)
         return self.scale * F.linear(F.normalize(h, dim=-1), F.normalize(self.weight, dim=-1))

@@ -46,7 +46,7 @@ DEFAULTS = {  # what flags left out become: the tiny ViT on a CPU, a timm ViT on
 }
 WARMUP_FRACTION = 0.05   # of all steps: linear warm-up, then cosine decay to 0
 MIN_VAL_PER_CLASS = 10   # a run keeps its val-best epoch where val has this many images of every
-                         # class, else its last (lr 0 there): a few images a class pick noise
+                         # class, else its last (lr 0 there), as a few images a class pick noise
 TIMEOUT = timedelta(minutes=30)  # under torchrun, how long a process waits for the others
 
 
@@ -58,7 +58,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def by_kind(key):  # --help's words for what a flag left out becomes, per kind of model
+def default_help(key):  # --help's words for what a flag left out becomes, per kind of model
     kinds = {"tiny": "with --model tiny", "vit": "with a timm ViT", "natural": "on natural sets"}
     return "default " + ", ".join(f"{DEFAULTS[k][key]:g} {words}" for k, words in kinds.items())
 
@@ -72,9 +72,9 @@ def parse_args(argv=None, job=None):
                    choices=["synthetic", "isic", "nih", "blood", "npz", "folder", *NATURAL])
     p.add_argument("--data-root", help="the set's folder or .npz file; default data/<set>")
     p.add_argument("--no-download", action="store_true", help="fail if the data are not there")
-    p.add_argument("--epochs", type=int, help=by_kind("epochs") + " (20 on inat2018)")
-    p.add_argument("--batch-size", type=int, help="per process; " + by_kind("batch_size"))
-    p.add_argument("--lr", type=float, help="AdamW's peak learning rate; " + by_kind("lr"))
+    p.add_argument("--epochs", type=int, help=default_help("epochs") + " (20 on inat2018)")
+    p.add_argument("--batch-size", type=int, help="per process; " + default_help("batch_size"))
+    p.add_argument("--lr", type=float, help="AdamW's peak learning rate; " + default_help("lr"))
     models = ", ".join(f"{name} ({kind})" for kind, name in DEFAULT_MODEL.items())
     p.add_argument("--model", help=f"'tiny' or a timm ViT name; default {models}")
     p.add_argument("--weights", help="a local weights file (.safetensors or .pth) for the model")
@@ -86,7 +86,7 @@ def parse_args(argv=None, job=None):
     p.add_argument("--blocks", type=int, nargs="+", default=[-2, -1],
                    help="the levels scilt fuses: blocks 1..N, or -1 (N), -2 (N-1); default -2 -1")
     p.add_argument("--lora-rank", type=int, default=8, help="r, with alpha = r; default 8")
-    p.add_argument("--img-size", type=int, help=by_kind("img_size"))
+    p.add_argument("--img-size", type=int, help=default_help("img_size"))
     p.add_argument("--augment", choices=AUGMENTS, help="default strong from 128 px, light below")
     p.add_argument("--imbalance-ratio", type=float, help="r of the long-tailed protocol (100)")
     p.add_argument("--seed", type=int, default=0, help="of the splits, the init and the order; 0")
@@ -159,7 +159,7 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def world():
+def processes():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -170,10 +170,10 @@ def make_loader(dataset, args, device, *, train=False):
     common = dict(batch_size=args.batch_size, num_workers=args.workers,
                   pin_memory=device.type == "cuda")
     if train:
-        sampler = DistributedSampler(dataset, world(), rank, shuffle=True, seed=args.seed)
-        full_batches = len(dataset) // world() >= args.batch_size
+        sampler = DistributedSampler(dataset, processes(), rank, shuffle=True, seed=args.seed)
+        full_batches = len(dataset) // processes() >= args.batch_size
         return Loader(dataset, sampler=sampler, drop_last=full_batches, **common)
-    return Loader(Subset(dataset, range(rank, len(dataset), world())), **common)
+    return Loader(Subset(dataset, range(rank, len(dataset), processes())), **common)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,28 +212,29 @@ def train_one_epoch(model, ddp, optimizer, train_loader, epoch, args, device, lo
         seen += len(images)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             total = sums.clone()
-            if world() > 1:  # every process sees the same mean: all stop together on a bad loss
+            if processes() > 1:  # so that all see the same mean, and stop together on a bad one
                 dist.all_reduce(total)
-            mean_loss = total[0].item() / (world() * (i + 1))
+            mean_loss = total[0].item() / (processes() * (i + 1))
             if not math.isfinite(mean_loss):
                 stop_non_finite(f"the loss became {mean_loss}", epoch, args)
             elapsed = time.time() - started
             left = elapsed / (i + 1) * (total_steps - step - 1)
             log(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps} loss {mean_loss:.4f} "
-                f"lr {get_lr(step, total_steps, args):.2e} {seen * world() / elapsed:.0f} img/s "
+                f"lr {get_lr(step, total_steps, args):.2e} "
+                f"{seen * processes() / elapsed:.0f} img/s "
                 f"left {int(left // 60)}m{int(left % 60):02d}s")
     # the last update may have made the weights non-finite after the loss was measured
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         stop_non_finite("the weights became non-finite", epoch, args)
-    return time.time() - started, seen * world(), (total / (world() * steps)).tolist()
+    return time.time() - started, seen * processes(), (total / (processes() * steps)).tolist()
 
 
 def stop_non_finite(what, epoch, args):
     """Stop before anything non-finite reaches a checkpoint or metrics.json."""
     saved = Path(args.out, "checkpoint.pt")
-    kept = f"the last good checkpoint is {saved}" if saved.exists() else \
+    last = f"the last good checkpoint is {saved}" if saved.exists() else \
         "no checkpoint was written yet"
-    raise Abort(f"{what} in epoch {epoch + 1}; {kept} (try a lower --lr)")
+    raise Abort(f"{what} in epoch {epoch + 1}; {last} (try a lower --lr)")
 
 
 def val_scores(model, val_loader, counts, device):
@@ -264,11 +265,11 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
         if not by_val or score > state["best_val"]:
             state.update(best_val=score, best_epoch=epoch + 1,
                          best=checkpoint.trainable_state(model))
-        kept = f"best {100 * state['best_val']:.1f}%, epoch {state['best_epoch']}"
+        choice = f"best {100 * state['best_val']:.1f}%, epoch {state['best_epoch']}"
         if not by_val:
-            kept = f"fewer than {MIN_VAL_PER_CLASS} val images of a class: the last epoch is kept"
+            choice = f"fewer than {MIN_VAL_PER_CLASS} val images of a class: the last epoch is kept"
         if len(data.val):
-            log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% ({kept})")
+            log(f"epoch {epoch + 1}: val balanced acc {100 * score:.1f}% ({choice})")
         if not dist.is_initialized() or dist.get_rank() == 0:
             lr = optimizer.param_groups[0]["lr"]  # its last step's
             report.append_history(args.out, report.history_row(model, epoch + 1, losses, lr, scores,
@@ -276,7 +277,8 @@ def train_epochs(model, optimizer, state, data, val_loader, args, device, log, c
             saved = {"state": state, "model": checkpoint.trainable_state(model),
                      "classes": data.classes, "class_counts": data.class_counts,
                      "optimizer": optimizer.state_dict(), "args": vars(args),
-                     "weights_sha256": checkpoint.sha256(weights_file(args)), "world_size": world(),
+                     "weights_sha256": checkpoint.sha256(weights_file(args)),
+                     "world_size": processes(),
                      "levels": checkpoint.saved_levels(model)}
             checkpoint.save_atomically(saved, checkpoint_path)
 
@@ -293,7 +295,7 @@ def load_run_data(args, splits=None):
     data = load_data(args.data, args.data_root, img_size=args.img_size, augment=args.augment,
                      imbalance_ratio=args.imbalance_ratio, seed=args.seed, mean=mean, std=std,
                      download=not args.no_download, splits=splits)
-    if rank == 0 and world() > 1:
+    if rank == 0 and processes() > 1:
         dist.barrier()
     return data
 
@@ -326,7 +328,7 @@ def train_and_report(args, device, out, continuing):
         f"{max(data.class_counts)}..{min(data.class_counts)}")
     log(f"{args.model} + LoRA r={args.lora_rank} on {model.num_lora_layers} layers, method "
         f"{args.method}: {trainable:,} trainable of {total:,} parameters "
-        f"({100 * trainable / total:.2f}%), {world()} x {device}")
+        f"({100 * trainable / total:.2f}%), {processes()} x {device}")
 
     optimizer = model.configure_optimizer(args.lr)  # the method's parameter groups
     loaders = {"train": make_loader(data.train_eval, args, device),
@@ -334,15 +336,15 @@ def train_and_report(args, device, out, continuing):
                "test": make_loader(data.test, args, device)}
     if continuing:
         weights = checkpoint.sha256(weights_file(args))
-        checkpoint.restore(model, saved, checkpoint_path, args, weights, world(),
+        checkpoint.restore(model, saved, checkpoint_path, args, weights, processes(),
                            None if args.eval_only else optimizer)
         state = saved["state"]
         log(f"loaded {checkpoint_path}: {state['epoch']} of {args.epochs} epoch(s) done, "
             f"epoch {state['best_epoch']} kept")
     else:
-        before = report.step_zero(model, loaders, data, device, log)
+        bars = report.step_zero(model, loaders, data, device, log)
         state = dict(epoch=0, best_epoch=0, best_val=-1.0, best=None, train_seconds=0.0,
-                     before=before)
+                     bars=bars)
         if rank == 0:
             write_splits(out / "splits.csv", data)
     if rank == 0 and not args.eval_only:  # rows of epochs the checkpoint holds, no later ones
@@ -353,10 +355,10 @@ def train_and_report(args, device, out, continuing):
                      checkpoint_path)
     if state["best"] is not None:
         model.load_state_dict(state["best"], strict=False)
-    facts = dict(trainable_params=trainable, total_params=total, method=args.method,
+    summary = dict(trainable_params=trainable, total_params=total, method=args.method,
                  train_seconds=round(state["train_seconds"], 1), epochs=state["epoch"],
                  best_epoch=state["best_epoch"], args=vars(args))
-    report.finish(model, loaders, data, state["before"], facts, device, out, log)
+    report.finish(model, loaders, data, state["bars"], summary, device, out, log)
     return out
 
 
@@ -377,7 +379,7 @@ def run_program(work, args, resumable=False):
         message = f"{error.strerror or error}{where}: every file written before is intact"
     except (MemoryError, torch.OutOfMemoryError, RuntimeError) as error:
         if not isinstance(error, MemoryError) and "memory" not in str(error):
-            raise  # a bug, not the machine: its traceback helps
+            raise  # a bug, not the machine, whose traceback helps
         message = "out of memory: expected a smaller --batch-size or --img-size"
     finally:
         if dist.is_initialized():

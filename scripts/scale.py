@@ -93,11 +93,11 @@ def main():
     timed("init_heads", model.init_heads, train_levels, labels["train"])
     timed("classify", lambda: [classify_all(model, s) for s in sets.values()])
     with torch.enable_grad():
-        before = timed("start_metrics (step 0 and the probe)", report.start_metrics,
+        bars = timed("start_metrics (step 0 and the probe)", report.start_metrics,
                        sets["train"], sets["val"], sets["test"], data.class_counts,
                        data.group_counts, classes, model.tau, "cpu", args.probe_steps)
-    timed("report (with the Rademacher check)", report.report, model, sets["test"], sets["val"],
-          sets["train"], data, before)
+    timed("report (with the Rademacher check)", report.metrics_of, model, sets["test"], sets["val"],
+          sets["train"], data, bars)
     print(json.dumps({"images": args.images, "classes": args.classes, "dim": args.dim,
                       "val": args.val, "test": args.test, "probe_steps": args.probe_steps,
                       "seconds": seconds, "total_seconds": round(sum(seconds.values()), 1),

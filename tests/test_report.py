@@ -59,7 +59,7 @@ def test_report_groups_by_group_counts_and_correlates_a_with_the_penultimate_gai
     val = evaluation(predicted(0, 0, 1, 1, 2, 2), same, predicted(1, 1, 1, 1, 2, 2))
     data = SimpleNamespace(classes=["a", "b", "c"], class_counts=[200, 50, 5],
                            group_counts=[5, 50, 200])
-    metrics = report.report(model, test, val, test, data, {})
+    metrics = report.metrics_of(model, test, val, test, data, {})
     # by [5, 50, 200]
     assert (metrics["many"], metrics["medium"], metrics["few"]) == (0.0, 1.0, 1.0)
     assert metrics["fusion_val_correlation"] == pytest.approx(1.0)
