@@ -57,42 +57,25 @@ def interleaved(jobs, rounds, warmup, device):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--rounds", type=int)
-    args = p.parse_args()
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    # on a GPU, a batch that keeps it busy: at 128, a ViT-S step on an H200 waits on Python's
-    # kernel launches (~25 ms for ~3 ms of arithmetic): the ratios would measure the interpreter
-    batch, rounds = args.batch_size or (512 if cuda else 8), args.rounds or (20 if cuda else 5)
-    torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    counts = torch.logspace(3, 1, 10).long().tolist()  # 1000 .. 10 images: a long-tailed profile
-    images = torch.randn(batch, 3, 224, 224, device=device)
-    labels = torch.randint(0, 10, (batch,), device=device)
-    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch_size": batch}
-
-    # 1. training step
+def measure_training(images, labels, counts, rounds, device):
+    """1. A training step of scilt, of final (each with the method's optimizer) and of full
+    fine-tuning: name -> median seconds."""
     steps = {}
     for method in ("scilt", "final"):
         backbone = scilt.create_backbone("vit_small_patch16_224")
         model = scilt.SciLT(backbone, counts, method=method).to(device)
-        optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
-        steps[method] = functools.partial(training_step, model, model.loss, optimizer, images,
-                                          labels, device)
+        steps[method] = functools.partial(training_step, model, model.loss,
+                                          model.configure_optimizer(1e-4), images, labels, device)
     full = timm.create_model("vit_small_patch16_224", num_classes=10).to(device)
     full_optimizer = torch.optim.AdamW(full.parameters(), lr=1e-4)
     steps["full fine-tuning"] = functools.partial(training_step, full, F.cross_entropy,
                                                   full_optimizer, images, labels, device)
-    step_times = interleaved(steps, rounds, 2, device)
-    results["train_step_s"] = step_times
-    results["scilt_over_final"] = step_times["scilt"] / step_times["final"]
-    results["scilt_over_full"] = step_times["scilt"] / step_times["full fine-tuning"]
+    return interleaved(steps, rounds, 2, device)
 
-    # 2. inference: merged SciLT vs the plain timm model (with its own linear head)
+
+def measure_inference(images, counts, rounds, device):
+    """2. Inference of the merged SciLT model and of the plain timm model (with its own linear
+    head): name -> median seconds."""
     merged = scilt.SciLT(scilt.create_backbone("vit_small_patch16_224"), counts).to(device).eval()
     for layer in scilt.lora_layers(merged):
         torch.nn.init.normal_(layer.lora_B, std=0.01)
@@ -106,20 +89,15 @@ def main():
 
     jobs = {"merged scilt": functools.partial(infer, merged),
             "plain timm": functools.partial(infer, plain)}
-    infer_times = interleaved(jobs, rounds * 2, 2, device)
-    results["inference_s"] = infer_times
-    results["merged_over_plain"] = infer_times["merged scilt"] / infer_times["plain timm"]
+    return interleaved(jobs, rounds * 2, 2, device)
 
-    # 3. trainable fraction of ViT-B/16
-    base = scilt.SciLT(scilt.create_backbone("vit_base_patch16_224"), [1] * 8)
-    trainable, total = checkpoint.count_parameters(base)
-    results["vit_b16_trainable"] = trainable
-    results["vit_b16_trainable_fraction"] = trainable / total  # as train.py prints it
 
-    # 4. JPEG decoding, one process
+def measure_decoding(device, images=8):
+    """4. JPEG decoding of ISIC-sized images by one process, in full and in draft mode: images per
+    second of each."""
     rng = np.random.default_rng(0)
     jpegs = []
-    for _ in range(8):
+    for _ in range(images):
         buffer = io.BytesIO()
         smooth = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)  # photo-like, not white noise
         Image.fromarray(smooth).resize((1024, 768), Image.BICUBIC).save(buffer, "JPEG", quality=90)
@@ -129,9 +107,38 @@ def main():
         return [data.open_image(io.BytesIO(b), draft) for b in jpegs]
 
     jobs = {"full": functools.partial(decode, None), "draft": functools.partial(decode, 256)}
-    decode_times = interleaved(jobs, 5, 1, device)
-    results["jpeg_images_per_s"] = {k: len(jpegs) / t for k, t in decode_times.items()}
-    results["draft_speedup"] = decode_times["full"] / decode_times["draft"]
+    return {name: images / seconds for name, seconds in interleaved(jobs, 5, 1, device).items()}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--rounds", type=int)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    # on a GPU, a batch that keeps it busy: at 128, a ViT-S step on an H200 waits on Python's
+    # kernel launches (~25 ms for ~3 ms of arithmetic), and the ratios would measure the interpreter
+    batch, rounds = args.batch_size or (512 if cuda else 8), args.rounds or (20 if cuda else 5)
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    counts = torch.logspace(3, 1, 10).long().tolist()  # 1000 .. 10 images: a long-tailed profile
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "batch_size": batch}
+    step_times = results["train_step_s"] = measure_training(images, labels, counts, rounds, device)
+    results["scilt_over_final"] = step_times["scilt"] / step_times["final"]
+    results["scilt_over_full"] = step_times["scilt"] / step_times["full fine-tuning"]
+    infer_times = results["inference_s"] = measure_inference(images, counts, rounds, device)
+    results["merged_over_plain"] = infer_times["merged scilt"] / infer_times["plain timm"]
+    # 3. the trainable fraction of ViT-B/16, as train.py prints it: trainable / all
+    base = scilt.SciLT(scilt.create_backbone("vit_base_patch16_224"), [1] * 8)
+    trainable, total = checkpoint.count_parameters(base)
+    results["vit_b16_trainable"] = trainable
+    results["vit_b16_trainable_fraction"] = trainable / total
+    speed = results["jpeg_images_per_s"] = measure_decoding(device)
+    results["draft_speedup"] = speed["draft"] / speed["full"]
     start = time.perf_counter()
     data.make_synthetic.__wrapped__()  # drawn, not the process's cached copy
     results["synthetic_seconds"] = time.perf_counter() - start

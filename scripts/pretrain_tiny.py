@@ -116,6 +116,20 @@ def source_images(name):
     return np.concatenate(images), labels
 
 
+def batch(images, index, recipe, img_size, train_mode):
+    """The images at `index` as the model takes them: with a random crop and flips in training,
+    as data.py augments (no colour change), resized to img_size."""
+    x = images[index].float() / 127.5 - 1  # the model's mean and std are 0.5
+    if train_mode:
+        fraction = recipe["crop"] + (1 - recipe["crop"]) * torch.rand(()).item()
+        side = int(x.shape[-1] * fraction)
+        top, left = torch.randint(0, x.shape[-1] - side + 1, (2,)).tolist()
+        x = x[..., top:top + side, left:left + side]
+        x = x.flip(-1) if torch.rand(()) < 0.5 else x
+        x = x.flip(-2) if recipe["vertical"] and torch.rand(()) < 0.5 else x
+    return F.interpolate(x, size=(img_size,) * 2, mode="bilinear", antialias=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", choices=SOURCES, default="fractals")
@@ -137,17 +151,6 @@ def main():
     model = timm.create_model(checkpoint.TINY["name"], num_classes=classes, **kwargs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
 
-    def batch(index, train_mode):
-        x = images[index].float() / 127.5 - 1  # the model's mean and std are 0.5
-        if train_mode:  # a random crop and flips, as data.py does; no colour change
-            fraction = recipe["crop"] + (1 - recipe["crop"]) * torch.rand(()).item()
-            side = int(x.shape[-1] * fraction)
-            top, left = torch.randint(0, x.shape[-1] - side + 1, (2,)).tolist()
-            x = x[..., top:top + side, left:left + side]
-            x = x.flip(-1) if torch.rand(()) < 0.5 else x
-            x = x.flip(-2) if recipe["vertical"] and torch.rand(()) < 0.5 else x
-        return F.interpolate(x, size=(kwargs["img_size"],) * 2, mode="bilinear", antialias=True)
-
     model.train()
     for step in range(recipe["steps"]):
         warm = min(1, (step + 1) / recipe["warmup"])
@@ -156,14 +159,16 @@ def main():
             group["lr"] = lr
         index = torch.randint(held_out, len(images), (recipe["batch_size"],), device=device)
         with scilt.autocast(device):
-            loss = F.cross_entropy(model(batch(index, True)), labels[index], label_smoothing=0.1)
+            x = batch(images, index, recipe, kwargs["img_size"], True)
+            loss = F.cross_entropy(model(x), labels[index], label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if step % 250 == 0 or step == recipe["steps"] - 1:
             model.eval()
+            index = torch.arange(held_out, device=device)
             with torch.no_grad():
-                predicted = model(batch(torch.arange(held_out, device=device), False)).argmax(1)
+                predicted = model(batch(images, index, recipe, kwargs["img_size"], False)).argmax(1)
                 accuracy = (predicted == labels[:held_out]).float().mean().item()
             model.train()
             print(f"step {step} loss {loss.item():.3f} held-out accuracy {accuracy:.3f} "

@@ -47,19 +47,10 @@ def classify_all(model, evaluation):
     evaluation.predicted.update({name: torch.cat(parts) for name, parts in predicted.items()})
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=115846, help="training images")
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--dim", type=int, default=768)
-    p.add_argument("--val", type=int, default=20000)
-    p.add_argument("--test", type=int, default=50000)
-    p.add_argument("--probe-steps", type=int, default=200,
-                   help="L-BFGS iterations of each probe fit (train.py: 200)")
-    args = p.parse_args()
-    torch.set_grad_enabled(False)
+def random_sets(args):
+    """Training counts n_k proportional to r^(-k/(K-1)), r = 100 (at least one a class), and the
+    three sets' evaluations of random features around class centres, two levels each."""
     generator = torch.Generator().manual_seed(0)
-    # a long-tailed training set: n_k proportional to r^(-k/(K-1)), r = 100, at least one a class
     prior = 100.0 ** (-torch.arange(args.classes) / max(1, args.classes - 1))
     counts = (prior / prior.sum() * (args.images - args.classes)).floor().long() + 1
     counts[0] += args.images - counts.sum()
@@ -72,6 +63,21 @@ def main():
     for name, y in labels.items():
         h = torch.stack([features(y, centres, generator) for _ in range(2)], 1)  # (N, 2, D)
         sets[name] = report.Evaluation(y, h, h[:, 1], {})
+    return counts, sets
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=115846, help="training images")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--val", type=int, default=20000)
+    p.add_argument("--test", type=int, default=50000)
+    p.add_argument("--probe-steps", type=int, default=200,
+                   help="L-BFGS iterations of each probe fit (train.py: 200)")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    counts, sets = random_sets(args)
     backbone = scilt.create_backbone("vit_tiny_patch16_224", img_size=32, patch_size=16,
                                      embed_dim=args.dim, depth=2, num_heads=max(1, args.dim // 64))
     model = scilt.SciLT(backbone, counts.tolist())
@@ -90,12 +96,12 @@ def main():
         return result
 
     train_levels = [sets["train"].level_features[:, 0], sets["train"].level_features[:, 1]]
-    timed("init_heads", model.init_heads, train_levels, labels["train"])
+    timed("init_heads", model.init_heads, train_levels, sets["train"].labels)
     timed("classify", lambda: [classify_all(model, s) for s in sets.values()])
     with torch.enable_grad():
         bars = timed("start_metrics (step 0 and the probe)", report.start_metrics,
-                       sets["train"], sets["val"], sets["test"], data.class_counts,
-                       data.group_counts, classes, model.tau, "cpu", args.probe_steps)
+                     sets["train"], sets["val"], sets["test"], data.class_counts,
+                     data.group_counts, classes, model.tau, "cpu", args.probe_steps)
     timed("report (with the Rademacher check)", report.metrics_of, model, sets["test"], sets["val"],
           sets["train"], data, bars)
     print(json.dumps({"images": args.images, "classes": args.classes, "dim": args.dim,
