@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import checkpoint  # noqa: E402
 import scilt  # noqa: E402
 import table  # noqa: E402
-from data import Loader, load_data  # noqa: E402
+import train  # noqa: E402
+from data import Loader  # noqa: E402
 from predict import load_run  # noqa: E402
 
 GRID = np.linspace(0, 1, 21)  # the shared weight a on the penultimate level
@@ -84,10 +84,8 @@ FUSIONS = ("gate", "average", "shared a on val", "head on val")
 def measure(out):
     """val (two-fold) and test balanced accuracy of each fusion for the run in `out`."""
     model, trained, classes = load_run(out, torch.device("cpu"))
-    mean, std = checkpoint.normalisation(trained.model)
-    data = load_data(trained.data, trained.data_root, img_size=trained.img_size, mean=mean,
-                     std=std, seed=trained.seed, imbalance_ratio=trained.imbalance_ratio,
-                     splits=Path(out) / "splits.csv", download=False)
+    trained.no_download = True
+    data = train.load_run_data(trained, Path(out) / "splits.csv")
     val, val_labels = scores(model, data.val)
     test, test_labels = scores(model, data.test)
     result = {}

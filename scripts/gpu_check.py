@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 import scilt  # noqa: E402
 import train  # noqa: E402
-from data import load_data  # noqa: E402
 
 
 def run_step(name, command, env=None, timeout=420):
@@ -70,9 +69,7 @@ def throughput(args, weights, root):
                               "--weights", weights, "--img-size", str(args.img_size),
                               "--device", args.device, "--epochs", "2", "--out", str(root / "run")])
     device = torch.device(args.device)
-    mean, std = checkpoint.normalisation(flags.model)
-    data = load_data("folder", root, img_size=flags.img_size, augment=flags.augment, mean=mean,
-                     std=std)
+    data = train.load_run_data(flags)
     model = checkpoint.build_model(flags, data.class_counts).to(device)
     optimizer = model.configure_optimizer(flags.lr)
     loader = train.make_loader(data.train, flags, device, train=True)

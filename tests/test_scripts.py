@@ -1,7 +1,9 @@
 """The scripts beside train.py: the per-block analysis, prediction, export, the post-hoc fusions
 and the scale check."""
 import csv
+import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -274,6 +276,15 @@ def test_predict_and_export_never_write_onto_the_runs_files_and_check_their_flag
         assert message in fails(capsys, predict.main, "--out", str(out), *flags, str(ROOT))
     images = tmp_path / "images"
     write_image_folder(images)
+    def read_only(path):  # the run's folder cannot be written to: found before any image is read
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), f"{path}.tmp")
+
+    read = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(predict, "replacing", read_only)
+        patch.setattr(predict, "open_image", lambda *args: read.append(args))
+        error = fails(capsys, predict.main, "--out", str(out), "--workers", "0", str(images))
+    assert "Permission denied" in error and read == []
     predict.main(["--out", str(out), str(images / "test" / "red")])
     predict.main(["--out", str(out), str(images / "test")])
     printed = capsys.readouterr().out

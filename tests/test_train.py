@@ -780,7 +780,7 @@ def test_a_run_writes_only_into_a_new_or_empty_folder_and_one_run_at_a_time(tmp_
 
 
 def test_a_full_disk_ctrl_c_and_non_finite_weights_keep_the_last_checkpoint(
-        tmp_path, capsys, monkeypatch, cut_run):
+        tmp_path, capsys, monkeypatch, cut_run, finished_run):
     out = tmp_path / "run"
     shutil.copytree(cut_run, out)
     saved = (out / "checkpoint.pt").read_bytes()
@@ -794,6 +794,15 @@ def test_a_full_disk_ctrl_c_and_non_finite_weights_keep_the_last_checkpoint(
     assert "No space left on device" in error and "every file written before is intact" in error
     assert (out / "checkpoint.pt").read_bytes() == saved
     assert not (out / "checkpoint.pt.tmp").exists()
+    # and as metrics.json is written, at the end of a re-evaluation: the earlier one stays
+    done = tmp_path / "done"
+    shutil.copytree(finished_run(*FAST)[0], done)
+    metrics = (done / "metrics.json").read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", lambda self, *a, **k: no_space(None, self))
+        error = fails(capsys, *FAST, "--out", str(done), "--eval-only")
+    assert "No space left on device" in error and (done / "metrics.json").read_bytes() == metrics
+    assert not list(done.glob("*.tmp"))
     epochs = iter([None, KeyboardInterrupt])
     real = train.train_one_epoch
 
