@@ -1,6 +1,7 @@
 """The evaluation and the report of a train.py run: what the model predicts on each set (over one
-process or several), the two bars training must clear (the model at step 0 and a linear probe on
-the frozen features), every head's row, the printed tables, metrics.json and report.png.
+process or several), the bars training must clear (the model at step 0, and linear probes on the
+frozen final block and on the model's own levels), history.csv as the epochs end, every head's
+row, the printed tables, metrics.json and report.png.
 """
 import csv
 import json

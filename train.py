@@ -301,7 +301,7 @@ def load_run_data(args, splits=None):
 
 
 def run(args):
-    rank, world_size, device = setup_distributed(args.device)
+    rank, _, device = setup_distributed(args.device)
     out, continuing = Path(args.out), args.resume or args.eval_only
     if continuing and not (out / "checkpoint.pt").exists():
         raise Abort(f"no checkpoint at {out / 'checkpoint.pt'}: train into that --out first")
