@@ -162,9 +162,9 @@ def claim(out, continuing):
         raise Abort(f"--out {out} is a file: expected a folder for the run")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    folder = os.open(out, os.O_RDONLY)
+    folder = os.open(out, os.O_RDONLY) if fcntl else None  # Windows opens no folder
     try:
-        if fcntl is not None:  # the lock goes with the process, however it ends
+        if folder is not None:  # the lock goes with the process, however it ends
             try:
                 fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -177,7 +177,8 @@ def claim(out, continuing):
                         "for the run there, or choose another --out")
         yield
     finally:
-        os.close(folder)
+        if folder is not None:
+            os.close(folder)
         if created and not any(out.iterdir()):  # a run that wrote nothing leaves no folder
             out.rmdir()
 
