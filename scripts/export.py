@@ -61,19 +61,18 @@ def load_exported(path):
 def export_run(out, target, weights=None):
     """The run in `out` as the file `target`, written whole or not at all."""
     import checkpoint  # here, not above: load_exported() needs scilt.py alone
-    import train
-    from checkpoint import replacing
+    from checkpoint import Abort, replacing
     from predict import load_run
 
     if "RANK" in os.environ:
-        raise train.Abort("the export runs in one process: start it with python, not torchrun")
+        raise Abort("the export runs in one process: start it with python, not torchrun")
     target = Path(target)
     if target.is_dir() or not target.parent.is_dir():
-        raise train.Abort(f"cannot write {target}: expected a file name in an existing folder, "
-                          "such as model.safetensors")
+        raise Abort(f"cannot write {target}: expected a file name in an existing folder, "
+                    "such as model.safetensors")
     if target.resolve().parent == Path(out).resolve() and target.suffix != ".safetensors":
-        raise train.Abort(f"{target} is not a .safetensors name, and it lies in the run's own "
-                          "folder: expected a new file such as model.safetensors")
+        raise Abort(f"{target} is not a .safetensors name, and it lies in the run's own "
+                    "folder: expected a new file such as model.safetensors")
     model, trained, classes = load_run(out, torch.device("cpu"), weights)
     if trained.model == "tiny":
         name = checkpoint.TINY["name"]

@@ -87,7 +87,7 @@ def load_run(out, device, weights=None):
     file (it must hold the same weights)."""
     path = Path(out) / "checkpoint.pt"
     if not path.exists():
-        raise train.Abort(f"no checkpoint at {path}: train into that --out first")
+        raise checkpoint.Abort(f"no checkpoint at {path}: train into that --out first")
     saved = checkpoint.load(path)
     trained = argparse.Namespace(**saved["args"])
     trained.weights = weights or trained.weights
@@ -111,7 +111,7 @@ def predict_images(args):
     """predictions.csv in --out (replacing an earlier one once it is whole), written a row at a time
     into a file opened first, so that a folder it cannot write to stops it before the work."""
     if "RANK" in os.environ:
-        raise train.Abort("prediction runs in one process: start it with python, not torchrun")
+        raise checkpoint.Abort("prediction runs in one process: start it with python, not torchrun")
     device = torch.device(args.device)
     model, trained, classes = load_run(args.out, device, args.weights)
     paths = find_images(args.paths)

@@ -430,13 +430,14 @@ def test_backbone_from_a_local_weights_file(tmp_path, suffix):
     torch.testing.assert_close(loaded.forward_head(loaded.forward_features(x), pre_logits=True),
                                source.eval().forward_head(source.forward_features(x),
                                                           pre_logits=True))
-    with pytest.raises(train.Abort, match="missing.pth not found"):
+    with pytest.raises(checkpoint.Abort, match="missing.pth not found"):
         checkpoint.load_backbone(argparse.Namespace(**{**vars(args),
                                                   "weights": tmp_path / "missing.pth"}))
-    with pytest.raises(train.Abort, match="could not load weights file .* into vit_small_patch16"):
+    refused = "could not load weights file .* into vit_small_patch16"
+    with pytest.raises(checkpoint.Abort, match=refused):
         checkpoint.load_backbone(argparse.Namespace(**{**vars(args),
                                                        "model": "vit_small_patch16_224"}))
-    with pytest.raises(train.Abort, match="unknown model 'vit_nonexistent'"):
+    with pytest.raises(checkpoint.Abort, match="unknown model 'vit_nonexistent'"):
         checkpoint.load_backbone(argparse.Namespace(**{**vars(args), "model": "vit_nonexistent"}))
 
 
