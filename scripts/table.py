@@ -1,6 +1,7 @@
 """The README's results tables, over seeds and generated data sets:
 
     python scripts/table.py [--sets ...] [--seeds 0 1 2] [--jobs 2] [--tag T]
+                            [--variants [NAME ...]]
                             [-- train.py flags, e.g. --weights fractal_vit.safetensors]
 
 Five generated data sets of different character, each trained with `python train.py` at its defaults
@@ -11,6 +12,9 @@ step 0 (`start`), linear probes on the frozen final block (`probe`) and on the l
 (`probe_levels`), --method final and penultimate, and scilt with each --fusion kept: mean ± sample
 standard deviation over seeds, each method's gain over the best of those bars and over the better
 single level, paired by seed, and every scilt run's fused prediction against its own heads.
+With --variants (all of VARIANTS if no name is given), only scilt and scilt with one lever of the
+recipe moved are trained, and each variant is set beside scilt, paired by seed, on val (what
+chooses a default) and on test, with the step-0 bars.
 
   embedded  the embedded default (--data synthetic): 10 cell types, 400 -> 4 images, 48 -> 32 px
   small     460 images (135 -> 7; a tenth kept for val), 10 types at 32 px, PNG files (folder)
@@ -151,9 +155,21 @@ RUNS = {"final": ["--method", "final"], "penultimate": ["--method", "penultimate
         **{f"scilt {f}": ["--fusion", f] for f in FUSIONS}}
 
 
-def plan(runs, names, seeds):
+VARIANTS = {  # scilt with one lever moved, each measured against the default in docs/results.md
+    "rank1": ["--lora-rank", "1"],             # LIFT's light adaptation: a bottleneck of 1
+    "blocks456": ["--blocks", "4", "5", "6"],  # the top half of the blocks, a gate over three
+    "lr1e-3": ["--lr", "1e-3"],                # a third of the tiny model's learning rate
+}
+SCILT = f"scilt-{FUSIONS[0]}"  # the default's runs: the full table's and the variants'
+
+
+def plan(runs, names, seeds, variants=None):
     for name in names:
         for seed in seeds:
+            if variants is not None:
+                for label in [SCILT, *variants]:
+                    runs.need(name, label, seed, VARIANTS.get(label, []))
+                continue
             runs.need(name, "analyze", seed, analyze=True)
             for label, flags in RUNS.items():
                 runs.need(name, label.replace(" ", "-"), seed, flags)
@@ -237,11 +253,50 @@ def print_table(name, runs, seeds):
     return summary + [cell([r["balanced_acc"] - max(own_heads(r)) for r in default])]
 
 
-def print_summary(summaries, tag):
-    """One row per set: the README's table."""
+def print_variants(name, runs, seeds, variants):
+    """scilt and each variant on one set: val and test balanced accuracy, and each variant minus
+    scilt paired by seed, under the step-0 bars; returns the summary's row (test mean ± std, and
+    for a variant its mean val difference in brackets, which is what would choose it) and each
+    variant's (val, test) differences by seed."""
+    labels = [SCILT, *variants]
+    test = {label: [runs.result(name, label, seed)["balanced_acc"] for seed in seeds]
+            for label in labels}
+    val = {label: [runs.val(name, label, seed) for seed in seeds] for label in labels}
+    heads = [runs.result(name, SCILT, seed)["heads"] for seed in seeds]
+    bars = [cell([h[bar]["balanced_acc"] for h in heads]) for bar in BARS]
+    print(f"\n{name}, scilt and its variants (seeds {' '.join(map(str, seeds))})\n")
+    print("| | val balanced | balanced | − scilt, paired: val | balanced |")
+    print("|---|---|---|---|---|")
+    for bar, shown in zip(BARS, bars):
+        print(f"| {bar} | | {shown} | | |")
+    print(f"| scilt | {cell(val[SCILT])} | {cell(test[SCILT])} | | |")
+    row, gains = [*bars, cell(test[SCILT])], {}
+    for label in variants:
+        val_gain = [b - a for a, b in zip(val[SCILT], val[label])]
+        test_gain = [b - a for a, b in zip(test[SCILT], test[label])]
+        print(f"| {label} | {cell(val[label])} | {cell(test[label])} | {cell(val_gain)} | "
+              f"{cell(test_gain)} |")
+        row.append(f"{cell(test[label])} [{100 * statistics.mean(val_gain):+.1f}]")
+        gains[label] = list(zip(val_gain, test_gain))
+    return row, gains
+
+
+def print_means(gains_per_set, variants):
+    """Each variant − scilt over every set and seed: on val, which would choose it, and on test."""
+    print()
+    for label in variants:
+        paired = [pair for gains in gains_per_set for pair in gains[label]]
+        val, test = (100 * statistics.mean(column) for column in zip(*paired))
+        print(f"{label} − scilt, mean over {len(paired)} runs: val {val:+.2f}, test {test:+.2f}")
+
+
+def print_summary(summaries, tag, variants=None):
+    """One row per set: the README's table (with variants: their test, [their val − scilt's])."""
+    columns = [*BARS, "scilt", *variants] if variants is not None else [
+        *BARS, *RUNS, "scilt fused − its better head"]
     print(f"\nsummary ({tag or 'default'}): test balanced accuracy, mean ± std over seeds\n")
-    print(f"| set | {' | '.join([*BARS, *RUNS])} | scilt fused − its better head |")
-    print("|---" * (len(BARS) + len(RUNS) + 2) + "|")
+    print(f"| set | {' | '.join(columns)} |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, row in summaries.items():
         print(f"| {name} | {' | '.join(row)} |")
 
@@ -252,12 +307,21 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
     p.add_argument("--tag", default="", help="a sub-folder name for runs with extra train.py flags")
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS),
+                   help="scilt against these variants only (none named: all)")
     args, flags = p.parse_known_args()
+    variants = args.variants
+    if variants == []:  # --variants alone: all of them
+        variants = list(VARIANTS)
     runs = Runs(make_sets(), args.tag, [f for f in flags if f != "--"])
-    plan(runs, args.sets, args.seeds)
+    plan(runs, args.sets, args.seeds, variants)
     runs.run_all(args.jobs)
-    summaries = {name: print_table(name, runs, args.seeds) for name in args.sets}
-    print_summary(summaries, args.tag)
+    if variants is None:
+        print_summary({name: print_table(name, runs, args.seeds) for name in args.sets}, args.tag)
+        return
+    results = {name: print_variants(name, runs, args.seeds, variants) for name in args.sets}
+    print_summary({name: row for name, (row, _) in results.items()}, args.tag, variants)
+    print_means([gains for _, gains in results.values()], variants)
 
 
 if __name__ == "__main__":

@@ -321,3 +321,34 @@ def test_post_hoc_fusions_fit_on_one_half_of_val_and_score_on_the_other():
     on_first, on_second = (torch.where(m[:, None], right, wrong) for m in (first, ~first))
     logits = torch.stack([wrong, on_first, on_second], 1)
     assert fusions.two_fold("head on val", logits, labels) == 0.0  # fitted and scored on one: 1.0
+
+
+def test_the_variants_table_pairs_each_variant_with_scilt_by_seed(tmp_path, monkeypatch, capsys):
+    import table
+    monkeypatch.setattr(table, "OUT", tmp_path)
+    runs = table.Runs({"set": ["--data", "npz"]}, "", ["--weights", "w.safetensors"])
+    table.plan(runs, ["set"], [0, 1], ["rank1"])
+    planned = [command[command.index("--out") + 1:] for command in runs.missing]
+    labels = {"scilt-class": [], "rank1": ["--lora-rank", "1"]}  # each run's own flags
+    assert planned == [[str(tmp_path / "default" / "set" / f"{label}-{seed}"), *flags,
+                        "--weights", "w.safetensors"] for seed in (0, 1)
+                       for label, flags in labels.items()]
+    scores = {"scilt-class": [(0.50, 0.60), (0.70, 0.80)], "rank1": [(0.55, 0.50), (0.60, 0.90)]}
+    bars = {"start": 0.3, "probe": 0.4, "probe_levels": 0.45}
+    for label, by_seed in scores.items():  # (val, test) by seed
+        for seed, (val, test) in enumerate(by_seed):
+            out = runs.folder("set", label, seed)
+            out.mkdir(parents=True)
+            heads = {bar: {"balanced_acc": value + seed / 100} for bar, value in bars.items()}
+            metrics = {"balanced_acc": test, "heads": heads}
+            (out / "metrics.json").write_text(json.dumps(metrics))
+            torch.save({"state": {"best_val": val}}, out / "checkpoint.pt")
+    row, gains = table.print_variants("set", runs, [0, 1], ["rank1"])
+    printed = capsys.readouterr().out
+    # val: +5 and -10 points; test: -10 and +10
+    assert "| rank1 | 57.5 ± 3.5 | 70.0 ± 28.3 | -2.5 ± 10.6 | 0.0 ± 14.1 |" in printed
+    assert row == ["30.5 ± 0.7", "40.5 ± 0.7", "45.5 ± 0.7", "70.0 ± 14.1", "70.0 ± 28.3 [-2.5]"]
+    assert list(gains) == ["rank1"]
+    np.testing.assert_allclose(gains["rank1"], [(0.05, -0.1), (-0.1, 0.1)])
+    table.print_means([gains, gains], ["rank1"])
+    assert "rank1 − scilt, mean over 4 runs: val -2.50, test +0.00" in capsys.readouterr().out
