@@ -156,9 +156,12 @@ RUNS = {"final": ["--method", "final"], "penultimate": ["--method", "penultimate
 
 
 VARIANTS = {  # scilt with one lever moved, each measured against the default in docs/results.md
+    "final": RUNS["final"], "penultimate": RUNS["penultimate"],  # one level: the full table's runs
     "rank1": ["--lora-rank", "1"],             # LIFT's light adaptation: a bottleneck of 1
     "blocks456": ["--blocks", "4", "5", "6"],  # the top half of the blocks, a gate over three
+    "allblocks": ["--blocks", "1", "2", "3", "4", "5", "6"],  # every level, a gate over six
     "lr1e-3": ["--lr", "1e-3"],                # a third of the tiny model's learning rate
+    "lr1e-2": ["--lr", "1e-2"],                # three times it
 }
 SCILT = f"scilt-{FUSIONS[0]}"  # the default's runs: the full table's and the variants'
 
