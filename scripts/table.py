@@ -285,7 +285,7 @@ def print_variants(name, runs, seeds, variants):
 
 
 def print_means(gains_per_set, variants):
-    """Each variant − scilt over every set and seed: on val, which would choose it, and on test."""
+    """Each variant − scilt over every set and seed: on val, which would choose it; on test."""
     print()
     for label in variants:
         paired = [pair for gains in gains_per_set for pair in gains[label]]
